@@ -1,0 +1,243 @@
+"""The bench: every workload as written, optimized, with each form forced, and under inductor.
+
+    python bench/run.py            # full run, rewrites bench/RESULTS.md and bench/results.json
+    python bench/run.py --quick    # shorter timings and a smaller shape grid
+    python bench/run.py --only seed000-conv1d --only grid
+
+All candidates of a workload are timed in one run, in interleaved rounds
+(``convrewrite.measure.time_callables``), and reported as speedups over the original.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tabulate import tabulate
+
+import convrewrite
+from convrewrite.decide import choose
+from convrewrite.forms import forms_for
+from convrewrite.forms.channel_mix import ORIGINAL
+from convrewrite.measure import time_callables, time_forms
+from convrewrite.options import Options
+from convrewrite.passes import table_for
+from convrewrite.profile import random_spec
+from convrewrite.table import CostTable, fingerprint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import WORKLOADS  # noqa: E402
+
+HERE = Path(__file__).parent
+ALL_FORMS = ("conv", "conv_channels_last", "matmul", "baddbmm", "linear", "addmm")
+
+
+# -- calling a model the way each mode does --------------------------------------------------
+def call(model: nn.Module, inputs: tuple, train: bool):
+    """A zero-argument call: inference under no_grad, or forward + backward to the parameters."""
+    if train:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return lambda: torch.autograd.grad(model(*inputs).sum(), params)
+
+    def infer():
+        with torch.no_grad():
+            return model(*inputs)
+    return infer
+
+
+def first_call_seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def forced(model: nn.Module, inputs: tuple, form: str, train: bool, tmp: Path):
+    """``model`` optimized as if ``form`` won at every site where it is legal (None if nowhere)."""
+    with torch.set_grad_enabled(train):
+        report = convrewrite.explain(model, *inputs)
+    table = CostTable(fingerprint("cpu"), profiled=True)
+    for site in report:
+        table.add(site.key, {site.original: 2.0, form: 1.0}, {})
+    path = tmp / f"forced-{form}-{train}.json"
+    table.write(path)
+    optimized = convrewrite.optimize(model, table=path)
+    with torch.set_grad_enabled(train):
+        chosen = {s.chosen for s in optimized.specialize(*inputs)}
+    return optimized if chosen == {form} else None
+
+
+# -- sections --------------------------------------------------------------------------------
+def bench_workload(workload, train: bool, args, tmp: Path) -> dict:
+    torch.manual_seed(0)
+    model, inputs = workload.make()
+    if not train:
+        model.eval()
+    optimized = convrewrite.optimize(model)
+    candidates = {"original": call(model, inputs, train)}
+    first = {"optimize": first_call_seconds(call(optimized, inputs, train))}
+    candidates["optimized"] = call(optimized, inputs, train)
+    for form in ALL_FORMS:
+        variant = forced(model, inputs, form, train, tmp) if form != ORIGINAL else None
+        if variant is not None:
+            candidates[f"form:{form}"] = call(variant, inputs, train)
+    if not args.no_inductor:
+        compiled = torch.compile(model)
+        first["inductor"] = first_call_seconds(call(compiled, inputs, train))
+        candidates["inductor"] = call(compiled, inputs, train)
+    times = time_callables(candidates, rounds=args.rounds, block_s=args.block)
+    forms = {k: v for k, v in times.items() if k.startswith("form:") or k == "original"}
+    best = min(forms, key=forms.get)
+    report = optimized.report
+    return {"workload": workload.name, "source": workload.source, "mode": "train" if train else "infer",
+            "times": times, "first_call_s": first, "chosen": [s.chosen for s in report],
+            "figures": [s.source for s in report], "best": best,
+            "optimized_vs_best": times["optimized"] / times[best],
+            "optimized_vs_original": times["optimized"] / times["original"]}
+
+
+def bench_grid(args) -> dict:
+    """Choice quality on seeded random specs the shipped table has not seen."""
+    table = table_for("cpu", Options())
+    rng = random.Random(args.grid_seed)
+    specs = []
+    while len(specs) < args.grid:
+        spec = random_spec(rng, grad=len(specs) % 2 == 1)
+        if spec.key() not in table.entries:
+            specs.append(spec)
+    rows = []
+    for spec in specs:
+        times = time_forms(spec, forms_for(spec), rounds=args.rounds, block_s=args.block / 2)
+        choice = choose(spec, ORIGINAL, table, Options())
+        rows.append({"key": spec.key(), "times": times, "chosen": choice.form, "best": min(times, key=times.get),
+                     "regret": times[choice.form] / min(times.values()),
+                     "vs_original": times[choice.form] / times[ORIGINAL]})
+    regrets = sorted(r["regret"] for r in rows)
+    return {"seed": args.grid_seed, "table": table.origin, "specs": rows, "n": len(rows),
+            "within_10pct": sum(r <= 1.10 for r in regrets) / len(regrets),
+            "median_regret": statistics.median(regrets),
+            "p90_regret": regrets[int(0.9 * (len(regrets) - 1))], "max_regret": regrets[-1],
+            "slower_than_original": sum(r["vs_original"] > 1.05 for r in rows),
+            "always_conv_within_10pct": sum(r["times"][ORIGINAL] / min(r["times"].values()) <= 1.10 for r in rows) / len(rows)}
+
+
+def bench_overhead(args) -> dict:
+    """Steady-state cost of the optimized module over its own rewritten graph, and first-call time."""
+    tiny, x = nn.Conv1d(4, 4, 1).eval(), torch.randn(1, 4, 4)
+    opt = convrewrite.optimize(tiny, x)
+    gm = opt.graph_module(x)
+    t = time_callables({"graph": call(gm, (x,), False), "optimized": call(opt, (x,), False)},
+                       rounds=args.rounds, block_s=args.block)
+    xs = torch.randn(8, 64, 128)
+    opt_deep = convrewrite.optimize(nn.Sequential(*[nn.Conv1d(64, 64, 1) for _ in range(50)]).eval())
+    first = first_call_seconds(call(opt_deep, (xs,), False))
+    steady = time_callables({"steady": call(opt_deep, (xs,), False)}, rounds=3, block_s=args.block)["steady"]
+    return {"overhead_us": (t["optimized"] - t["graph"]) * 1e6, "graph_us": t["graph"] * 1e6,
+            "first_call_50_layers_s": first, "steady_50_layers_s": steady}
+
+
+# -- output ----------------------------------------------------------------------------------
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}x"
+
+
+def workload_table(results: list[dict]) -> str:
+    cols = ["original", "optimized", *(f"form:{f}" for f in ALL_FORMS if f != ORIGINAL), "inductor"]
+    rows = []
+    for r in results:
+        t = r["times"]
+        rows.append([r["workload"], r["mode"], f"{t['original'] * 1e3:.3f}",
+                     *(_x(t["original"] / t[c]) if c in t else "-" for c in cols[1:]),
+                     ",".join(r["chosen"]), r["best"], _x(r["optimized_vs_best"])])
+    head = ["workload", "mode", "original ms", "optimized", *(c.removeprefix("form:") for c in cols[2:]),
+            "chosen", "best", "opt/best"]
+    return tabulate(rows, head, tablefmt="github")
+
+
+def grid_text(g: dict) -> str:
+    regrets = sorted(r["regret"] for r in g["specs"])
+    buckets = [(lo, hi) for lo, hi in ((1.0, 1.05), (1.05, 1.10), (1.10, 1.25), (1.25, 1.5), (1.5, 2.0), (2.0, math.inf))]
+    hist = [(f"[{lo:.2f}, {hi:.2f})", sum(lo <= r < hi for r in regrets)) for lo, hi in buckets]
+    hist[0] = ("[1.00, 1.05)", sum(r < 1.05 for r in regrets))
+    summary = (f"{g['n']} random specs (seed {g['seed']}, none in the table), table `{Path(g['table']).name if g['table'] else g['table']}`: "
+               f"chosen within 10% of the best on **{g['within_10pct']:.0%}**, median chosen/best **{g['median_regret']:.3f}**, "
+               f"p90 {g['p90_regret']:.2f}, max {g['max_regret']:.2f}; chosen slower than the original by >5%: "
+               f"{g['slower_than_original']}. (Always keeping the conv: within 10% on {g['always_conv_within_10pct']:.0%}.)")
+    return summary + "\n\n" + tabulate(hist, ["chosen/best", "specs"], tablefmt="github")
+
+
+def machine() -> str:
+    fp = fingerprint("cpu")
+    return f"{fp['model']} ({fp['isa']}, {fp['threads']} threads), {platform.system()} {platform.machine()}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_results(data: dict, command: str) -> None:
+    lines = [
+        "# Bench results",
+        "",
+        f"- date: {data['date']}",
+        f"- machine: {data['machine']}",
+        f"- command: `{command}`",
+        "- times: `torch.utils.benchmark`, all candidates of a row in interleaved rounds, median round; "
+        "ratios are speedups over the original (higher is better); `opt/best` is the optimized model's time "
+        "over the fastest form's (1.00x is the oracle). `form:X` is the model with form X forced at every site.",
+        "- raw numbers: [results.json](results.json)",
+        "",
+    ]
+    if data.get("workloads"):
+        lines += ["## Seed workloads", "", workload_table(data["workloads"]), ""]
+        lines += ["First call (capture + rewrite for optimize, compile for inductor), seconds:", ""]
+        lines += [tabulate([(r["workload"], r["mode"], *(f"{v:.2f}" for v in r["first_call_s"].values()))
+                            for r in data["workloads"]], ["workload", "mode", *data["workloads"][0]["first_call_s"]],
+                           tablefmt="github"), ""]
+    if data.get("grid"):
+        lines += ["## Choice quality on unseen shapes", "", grid_text(data["grid"]), ""]
+    if data.get("overhead"):
+        o = data["overhead"]
+        lines += ["## Overhead", "",
+                  f"- steady-state cost of the optimized module over its rewritten graph: {o['overhead_us']:.1f} us per call "
+                  f"(graph alone {o['graph_us']:.1f} us)",
+                  f"- first call of a 50-layer pointwise model (capture + rewrite + one run): {o['first_call_50_layers_s']:.2f} s "
+                  f"(a steady call: {o['steady_50_layers_s'] * 1e3:.2f} ms)", ""]
+    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    (HERE / "results.json").write_text(json.dumps(data, indent=1))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shorter timings, a 40-spec grid")
+    p.add_argument("--only", action="append", default=[], help="workload name, 'grid' or 'overhead' (repeatable)")
+    p.add_argument("--no-inductor", action="store_true", help="skip the torch.compile anchor")
+    p.add_argument("--grid-seed", type=int, default=2026)
+    args = p.parse_args(argv)
+    args.rounds, args.block = (5, 0.02) if args.quick else (9, 0.05)
+    args.grid = 40 if args.quick else 80
+    wanted = lambda name: not args.only or name in args.only  # noqa: E731
+    data = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        data["workloads"] = [bench_workload(w, train, args, Path(tmp)) for w in WORKLOADS if wanted(w.name)
+                             for train in (False, True)]
+    if data["workloads"]:
+        print(workload_table(data["workloads"]))
+    if wanted("grid"):
+        data["grid"] = bench_grid(args)
+        print(grid_text(data["grid"]))
+    if wanted("overhead"):
+        data["overhead"] = bench_overhead(args)
+        print(data["overhead"])
+    write_results(data, "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

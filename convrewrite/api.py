@@ -1,0 +1,44 @@
+"""Front door: ``optimize(model)`` and ``explain(model, *inputs)``."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .module import ConvRewriteModule
+from .options import Options
+from .report import Report
+
+
+def optimize(model: nn.Module, example_inputs=None, **options) -> ConvRewriteModule:
+    """Return ``model`` with every pointwise conv run in its fastest equal form on this device.
+
+    Without ``example_inputs`` the model specialises on its first call, for that call's input
+    signature (shapes, dtypes, devices, layouts, grad mode), and again whenever a new signature
+    arrives; with them (a tuple of positional arguments, or one tensor) it specialises now.
+    The result shares ``model``'s parameters, so ``state_dict()`` is unchanged and ``model``
+    itself keeps working. Options: see :class:`convrewrite.Options`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"convrewrite.optimize expects a torch.nn.Module, got {type(model).__name__}; "
+            "wrap a function in an nn.Module, or use torch.compile(fn, backend='convrewrite')")
+    if isinstance(model, ConvRewriteModule):
+        model = model.original
+    optimized = ConvRewriteModule(model, Options.from_kwargs(**options))
+    if example_inputs is not None:
+        optimized.specialize(*_as_args(example_inputs))
+    return optimized
+
+
+def explain(model: nn.Module, *example_inputs, **options) -> Report:
+    """Report what ``optimize`` does to ``model`` on these inputs, site by site.
+
+    For a module returned by :func:`optimize`, its own specialisation for these inputs.
+    """
+    if isinstance(model, ConvRewriteModule) and not options:
+        return model.specialize(*example_inputs)
+    return optimize(model, **options).specialize(*example_inputs)
+
+
+def _as_args(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)

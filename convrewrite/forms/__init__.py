@@ -1,0 +1,80 @@
+"""The form registry: plain torch functions that compute a spec, each with a legality check.
+
+A form is ``fn(x, w, b, *, spec) -> y``. The profiler times it and the rewrite emits the very
+same function, so what is measured is what runs. Register your own with :func:`register_form`;
+profiling, choosing, testing and benchmarking pick it up by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+from typing import Callable
+
+_REGISTRY: dict[str, dict[str, "Form"]] = {}
+
+
+def _always(spec) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """One registered way to compute a spec kind."""
+
+    kind: str
+    name: str
+    fn: Callable
+    supports: Callable = _always
+
+    def __call__(self, x, w, b, *, spec):
+        return self.fn(x, w, b, spec=spec)
+
+    @property
+    def source_hash(self) -> str:
+        """Hash of the form's source, so editing a form invalidates its old timings."""
+        try:
+            text = inspect.getsource(self.fn)
+        except (OSError, TypeError):
+            text = f"{self.fn.__module__}.{self.fn.__qualname__}"
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def register_form(kind: str, name: str | None = None, supports: Callable = _always) -> Callable:
+    """Decorator: register ``fn(x, w, b, *, spec)`` as a form of spec ``kind``.
+
+    ``supports(spec) -> bool`` says whether the form computes that spec exactly; a form is
+    only timed and only chosen where it does. Re-registering a name replaces the old form.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        form = Form(kind, name or fn.__name__, fn, supports)
+        _REGISTRY.setdefault(kind, {})[form.name] = form
+        return fn
+
+    return decorate
+
+
+def unregister_form(kind: str, name: str) -> None:
+    """Remove a registered form (no error if it is absent)."""
+    _REGISTRY.get(kind, {}).pop(name, None)
+
+
+def _load_builtins() -> None:
+    from . import channel_mix  # noqa: F401  (registers on import)
+
+
+def get_form(kind: str, name: str) -> Form:
+    """The form registered under ``name`` for spec ``kind``."""
+    _load_builtins()
+    try:
+        return _REGISTRY[kind][name]
+    except KeyError:
+        raise KeyError(f"no form {name!r} for {kind!r}; registered: {sorted(_REGISTRY.get(kind, {}))}") from None
+
+
+def forms_for(spec) -> list[Form]:
+    """Every registered form that computes ``spec`` exactly, in registration order."""
+    _load_builtins()
+    return [f for f in _REGISTRY.get(spec.kind, {}).values() if f.supports(spec)]

@@ -1,0 +1,57 @@
+"""Time callables side by side with ``torch.utils.benchmark``, and forms on a spec's inputs.
+
+Candidates are timed in interleaved rounds (the machine is shared and noisy, so a burst of
+load hits every candidate alike), in a rotating order, and each one's figure is its median
+round. The Timer synchronises CUDA itself and runs with torch's current thread count.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from typing import Callable
+
+import torch
+from torch.utils import benchmark
+
+from .forms import Form
+from .spec import to_layout
+
+
+def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, block_s: float = 0.01) -> dict[str, float]:
+    """Median seconds per call of each zero-argument callable, timed in interleaved rounds.
+
+    A callable that raises on its warm-up call is reported with a warning and left out.
+    """
+    timers = {}
+    for name, fn in fns.items():
+        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        try:
+            once = timer.timeit(1).mean  # warm-up; also finds candidates that fail
+        except Exception as e:  # a broken candidate (a user's form, say) must not stop the rest
+            warnings.warn(f"convrewrite: {name!r} failed and was not timed: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        timers[name] = (timer, max(1, int(block_s / max(once, 1e-7))))
+    names = list(timers)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds if names else 0):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            timer, number = timers[name]
+            samples[name].append(timer.timeit(number).mean)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def form_call(form: Form, spec, x, w, b) -> Callable[[], object]:
+    """A zero-argument call of ``form`` on (x, w, b): forward, plus backward if ``spec.grad``."""
+    if not spec.grad:
+        return lambda: form(x, w, b, spec=spec)
+    inputs = [t for t in (x, w, b) if t is not None]
+    grad_out = to_layout(torch.ones(spec.batch, spec.out_channels, *spec.out_spatial, dtype=x.dtype, device=x.device),
+                         spec.out_layout)
+    return lambda: torch.autograd.grad(form(x, w, b, spec=spec), inputs, grad_out)
+
+
+def time_forms(spec, forms: list[Form], *, rounds: int = 5, block_s: float = 0.01) -> dict[str, float]:
+    """Median seconds per call of each form on random inputs shaped like ``spec``."""
+    x, w, b = spec.example_inputs()
+    return time_callables({f.name: form_call(f, spec, x, w, b) for f in forms}, rounds=rounds, block_s=block_s)

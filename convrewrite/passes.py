@@ -1,0 +1,74 @@
+"""The rewrite pass: annotated graph -> sites -> specs -> choices -> verified emits -> report.
+
+``rewrite(gm, options)`` mutates ``gm`` (annotated by ``capture.annotate`` or carrying the
+same meta) and returns a :class:`Report`. It is the one pass behind every front door.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch.fx as fx
+
+from .decide import NONE, choose
+from .forms import get_form
+from .options import Options
+from .report import Report, SiteReport
+from .rewrite import emit, verify
+from .rules import Site, find_sites
+from .table import CostTable, load_table, user_table_path
+
+log = logging.getLogger(__name__)
+_TABLES: dict[tuple, CostTable] = {}
+
+
+def table_for(device: str, options: Options) -> CostTable:
+    """The cost table for ``device``, loaded once per process (reloaded if the file changed)."""
+    user = user_table_path(device)
+    stamp = user.stat().st_mtime_ns if user.exists() else None
+    key = (device, os.fspath(options.table) if options.table else None, stamp)
+    if key not in _TABLES:
+        _TABLES[key] = load_table(device, options.table)
+    return _TABLES[key]
+
+
+def rewrite(gm: fx.GraphModule, options: Options) -> Report:
+    """Rewrite every site of ``gm`` whose best form beats its original by ``options.margin``."""
+    rows, replaced = [], {}
+    for index, site in enumerate(find_sites(gm)):
+        site = _follow(site, replaced)
+        rows.append(_rewrite_site(gm, site, f"convrewrite_site{index}", options, replaced))
+    gm.graph.lint()
+    gm.recompile()
+    log.info("convrewrite: rewrote %d of %d site(s)", sum(r.chosen != r.original for r in rows), len(rows))
+    return Report(tuple(rows))
+
+
+def _follow(site: Site, replaced: dict) -> Site:
+    """``site`` with inputs that earlier rewrites replaced pointing at their replacements."""
+    get = lambda v: replaced.get(v, v) if isinstance(v, fx.Node) else v  # noqa: E731
+    return dataclasses.replace(site, x=get(site.x), weight=get(site.weight), bias=get(site.bias))
+
+
+def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, replaced: dict) -> SiteReport:
+    choice = choose(site.spec, site.original, table_for(site.spec.device, options), options)
+    chosen, note = choice.form, "no figures for this spec" if choice.source == NONE else ""
+    if choice.rewritten:
+        form = get_form(site.spec.kind, chosen)
+        problem = verify(form, get_form(site.spec.kind, site.original), site.spec) if options.verify else None
+        if problem:
+            chosen, note = site.original, f"kept original: {problem}"
+        else:
+            replaced[site.node] = emit(gm, site, form, name)
+    return SiteReport(site.path, site.pattern, _shape(site.spec), site.original, chosen,
+                      choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key())
+
+
+def _shape(spec) -> str:
+    dims = "x".join(map(str, spec.spatial))
+    extra = "".join([f" g{spec.groups}" if spec.groups > 1 else "",
+                     f" s{'x'.join(map(str, spec.stride))}" if any(s > 1 for s in spec.stride) else "",
+                     f" {spec.in_layout}" if spec.in_layout != "cf" else ""])
+    return f"[{spec.batch},{spec.in_channels},{dims}]->{spec.out_channels}{extra} {spec.dtype}"

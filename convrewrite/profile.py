@@ -1,0 +1,124 @@
+"""``python -m convrewrite.profile``: rebuild this machine's cost table from microbenchmarks.
+
+Every registered form is timed on a seeded random grid of channel-mix specs (1D/2D/3D,
+batch, channels, spatial size, groups, stride, input layout, inference and training), and the
+table is written atomically to this machine's cache file (or ``--out``). A tabulate summary
+of which form wins where ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+
+import torch
+from tabulate import tabulate
+
+from .forms import forms_for
+from .forms.channel_mix import ORIGINAL, conv
+from .measure import time_forms
+from .spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, ChannelMixSpec, layout_of
+from .table import CostTable, fingerprint, user_table_path
+
+MAX_MACS = 1e8  # keeps every timed call within milliseconds on a small CPU
+
+
+def _log_uniform(rng: random.Random, lo: float, hi: float) -> int:
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+
+
+def random_spec(rng: random.Random, device="cpu", dtype="float32", grad=False) -> ChannelMixSpec:
+    """One random pointwise-conv spec of the kind users write, its work capped by MAX_MACS."""
+    while True:
+        ndim = rng.choices((1, 2, 3), (0.45, 0.45, 0.1))[0]
+        side_max = {1: 16384, 2: 128, 3: 24}[ndim]
+        spatial = tuple(_log_uniform(rng, 1, side_max) for _ in range(ndim))
+        cin, cout = _log_uniform(rng, 3, 1024), _log_uniform(rng, 3, 1024)
+        groups = 1
+        if rng.random() < 0.15:
+            groups = rng.choice([g for g in (2, 4, 8, math.gcd(cin, cout)) if cin % g == 0 and cout % g == 0])
+        stride = (2,) * ndim if rng.random() < 0.1 and min(spatial) > 1 else (1,) * ndim
+        in_layout = rng.choices((CHANNELS_FIRST, CHANNELS_LAST, STRIDED), (0.7, 0.25, 0.05))[0]
+        spec = ChannelMixSpec(_log_uniform(rng, 1, 128), cin, cout, spatial, groups, stride, bias=rng.random() < 0.8,
+                              dtype=dtype, device=device, in_layout=in_layout, grad=grad)
+        macs = spec.batch * math.prod(spec.out_spatial) * cin * cout / groups
+        if macs <= MAX_MACS * (0.3 if grad else 1.0):
+            return with_out_layout(spec)
+
+
+def with_out_layout(spec: ChannelMixSpec) -> ChannelMixSpec:
+    """``spec`` with ``out_layout`` set to what the original conv returns for its input layout."""
+    x, w, b = spec.example_inputs()
+    with torch.no_grad():
+        out = conv(x, w, b, spec=spec)
+    return ChannelMixSpec(**{**spec.__dict__, "out_layout": layout_of(out)})
+
+
+def build(specs: list[ChannelMixSpec], table: CostTable, rounds: int, block_s: float, progress=True) -> None:
+    """Time every legal form of every spec into ``table``, with a progress bar on stderr."""
+    from torch.hub import tqdm  # tqdm if installed, else torch's own minimal bar
+
+    with tqdm(total=len(specs), disable=not progress, unit="spec", file=sys.stderr) as bar:
+        for spec in specs:
+            forms = forms_for(spec)
+            times = time_forms(spec, forms, rounds=rounds, block_s=block_s)
+            table.add(spec.key(), times, {f.name: f.source_hash for f in forms if f.name in times})
+            bar.update(1)
+
+
+def summary(table: CostTable) -> str:
+    """Which form wins where: per (dims, input layout, mode, size bin), wins and best speedup."""
+    groups = defaultdict(list)
+    for key, times in table.entries.items():
+        spec = ChannelMixSpec.from_key(key)
+        if ORIGINAL not in times:
+            continue
+        size = math.log10(max(1.0, spec.batch * math.prod(spec.out_spatial) * spec.in_channels * spec.out_channels / spec.groups))
+        bin_ = "<1e6 MAC" if size < 6 else "1e6-1e8 MAC" if size < 8 else ">=1e8 MAC"
+        groups[(f"{spec.ndim}d", spec.in_layout, "train" if spec.grad else "infer", bin_)].append(times)
+    rows = []
+    for (nd, layout, mode, bin_), entries in sorted(groups.items()):
+        wins = Counter(min(t, key=t.get) for t in entries)
+        speedups = sorted(t[ORIGINAL] / min(t.values()) for t in entries)
+        rows.append((nd, layout, mode, bin_, len(entries), ", ".join(f"{n} {c}" for n, c in wins.most_common()),
+                     f"{speedups[len(speedups) // 2]:.2f}x", f"{speedups[-1]:.2f}x"))
+    return tabulate(rows, ("dims", "input", "mode", "size", "specs", "fastest form (count)", "median best/conv", "max"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convrewrite.profile",
+        description="Rebuild this machine's convrewrite cost table: time every registered form of the "
+                    "channel mix on a seeded random grid of pointwise-conv shapes, and write the table "
+                    "atomically to the user cache dir (or --out). optimize() reads it from there.")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to profile (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="comma-separated dtypes (default: float32)")
+    parser.add_argument("--mode", default="infer,train", help="infer, train or both (train times forward+backward)")
+    parser.add_argument("--quick", action="store_true", help="a small grid and short timings (under a minute on 2 CPU cores)")
+    parser.add_argument("--specs", type=int, default=None, help="random specs per dtype and mode (default 600; 30 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shape grid (default 0)")
+    parser.add_argument("--out", default=None, help=f"table file to write (default: {user_table_path('cpu').parent}/<device>-<fingerprint>.json)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    n = args.specs or (30 if args.quick else 600)
+    rng = random.Random(args.seed)
+    specs = [random_spec(rng, args.device, dtype.strip(), mode.strip() == "train")
+             for dtype in args.dtype.split(",") for mode in args.mode.split(",") for _ in range(n)]
+    table = CostTable(fingerprint(args.device), profiled=not args.quick)
+    start = time.perf_counter()
+    build(specs, table, rounds=3 if args.quick else 5, block_s=0.002 if args.quick else 0.005)
+    out = args.out or user_table_path(args.device)
+    print(summary(table))
+    if not table.write(out):
+        return 1
+    print(f"\n{len(table.entries)} specs timed in {time.perf_counter() - start:.0f} s; table written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

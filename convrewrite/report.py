@@ -1,0 +1,68 @@
+"""What the pass did at each site, and why; ``print(report)`` shows a table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tabulate import tabulate
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteReport:
+    """One site: where it is, what it computes, what was chosen and from which figures."""
+
+    path: str
+    pattern: str
+    shape: str
+    original: str
+    chosen: str
+    t_original: float | None
+    t_chosen: float | None
+    source: str
+    note: str = ""
+    key: str = ""
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        if self.t_original and self.t_chosen:
+            return self.t_original / self.t_chosen
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Every site of one specialisation (one input signature) of a model."""
+
+    sites: tuple[SiteReport, ...] = ()
+    signature: str = ""
+    note: str = ""
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.chosen != s.original]
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def __str__(self) -> str:
+        head = f"convrewrite: {len(self.rewritten)} of {len(self.sites)} site(s) rewritten"
+        head += f" for {self.signature}" if self.signature else ""
+        if self.note:
+            head += f"\n{self.note}"
+        if not self.sites:
+            return head
+        rows = [(s.path, s.pattern, s.shape, s.original, s.chosen, _us(s.t_original), _us(s.t_chosen),
+                 _x(s.predicted_speedup), s.source, s.note) for s in self.sites]
+        cols = ("site", "pattern", "shape", "original", "chosen", "orig us", "chosen us", "speedup", "figures", "note")
+        return f"{head}\n{tabulate(rows, cols, tablefmt='simple')}"
+
+
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.1f}"
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"

@@ -1,0 +1,111 @@
+"""Rule: pointwise convolutions (every kernel dim 1) as channel-mix sites.
+
+Finds ``nn.Conv1d/2d/3d`` modules (``call_module``) and ``F.conv1d/2d/3d`` / ``torch.conv*d``
+calls (``call_function``) whose weight has a 1x1 kernel, with zero padding of any size, any
+stride and any groups. Left alone: larger kernels, non-zero padding modes, transposed convs,
+conv subclasses with their own forward, modules with hooks, unbatched or empty inputs, and
+non-float dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..capture import info
+from ..forms.channel_mix import ORIGINAL
+from ..spec import ChannelMixSpec
+from . import Site
+
+PATTERN = "pointwise conv"
+_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_FUNCTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_FUNCTION_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def find(gm: fx.GraphModule):
+    """Yield a :class:`Site` for every pointwise conv in ``gm`` (annotated by ``capture.annotate``)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            site = _module_site(gm, node)
+        elif node.op == "call_function" and node.target in _FUNCTIONS:
+            site = _function_site(node)
+        else:
+            continue
+        if site is not None:
+            yield site
+
+
+def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
+    mod = gm.get_submodule(node.target)
+    ndim = _MODULES.get(_conv_base(mod))
+    if ndim is None or mod.padding_mode != "zeros" or _has_hooks(mod) or len(node.args) != 1 or node.kwargs:
+        return None
+    padding = (0,) * ndim if isinstance(mod.padding, str) else tuple(mod.padding)
+    spec = _spec(node, node.args[0], tuple(mod.weight.shape), mod.bias is not None, mod.stride, padding, mod.groups)
+    if spec is None:
+        return None
+    bias = f"{node.target}.bias" if mod.bias is not None else None
+    return Site(node, node.args[0], f"{node.target}.weight", bias, spec, ORIGINAL, PATTERN, node.target)
+
+
+def _function_site(node: fx.Node) -> Site | None:
+    if len(node.args) > len(_FUNCTION_ARGS) or set(node.kwargs) - set(_FUNCTION_ARGS):
+        return None
+    a = {**_FUNCTION_DEFAULTS, **dict(zip(_FUNCTION_ARGS, node.args)), **node.kwargs}
+    weight = info(a["weight"])
+    if weight is None or any(isinstance(a[k], fx.Node) for k in ("stride", "padding", "dilation", "groups")):
+        return None
+    ndim = _FUNCTIONS[node.target]
+    padding = (0,) * ndim if isinstance(a["padding"], str) else _ntuple(a["padding"], ndim)
+    if a["bias"] is not None and info(a["bias"]) is None:
+        return None
+    spec = _spec(node, a["input"], weight.shape, a["bias"] is not None, _ntuple(a["stride"], ndim), padding, a["groups"])
+    if spec is None:
+        return None
+    return Site(node, a["input"], a["weight"], a["bias"], spec, ORIGINAL, PATTERN, _path_of(node))
+
+
+def _spec(node, x_node, weight_shape, bias, stride, padding, groups) -> ChannelMixSpec | None:
+    """The channel-mix spec of a conv node, or None if it is not a pointwise conv we handle."""
+    x, out = info(x_node), info(node)
+    ndim = len(weight_shape) - 2
+    if x is None or out is None or any(k != 1 for k in weight_shape[2:]) or len(x.shape) != ndim + 2:
+        return None
+    if x.dtype not in FLOAT_DTYPES or math.prod(x.shape) == 0 or math.prod(out.shape) == 0:
+        return None
+    return ChannelMixSpec(
+        batch=x.shape[0], in_channels=x.shape[1], out_channels=weight_shape[0], spatial=x.shape[2:],
+        groups=int(groups), stride=tuple(stride), padding=tuple(padding), bias=bias,
+        dtype=str(x.dtype).removeprefix("torch."), device=x.device.type,
+        in_layout=x.layout, out_layout=out.layout, grad=out.requires_grad,
+    )
+
+
+def _conv_base(mod: nn.Module):
+    """The nn.ConvNd class whose forward ``mod`` runs unchanged, else None."""
+    for base in _MODULES:
+        if isinstance(mod, base) and type(mod).forward is base.forward and type(mod)._conv_forward is base._conv_forward:
+            return base
+    return None
+
+
+def _has_hooks(mod: nn.Module) -> bool:
+    from torch.nn.modules import module as m
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
+                or m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
+
+
+def _ntuple(v, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def _path_of(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack.values()))[0] if stack else ""
+    return f"{owner}:{node.name}" if owner else node.name

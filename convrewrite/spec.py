@@ -1,0 +1,144 @@
+"""Canonical specs: what a rewrite site computes, independent of how the source wrote it.
+
+Every finder turns its pattern into a spec; every form consumes one; ``spec.key()`` is the
+cost-table key. A spec describes the operation and its operands (sizes, dtype, device,
+memory layout), never the graph it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+
+CHANNELS_FIRST = "cf"
+CHANNELS_LAST = "cl"
+STRIDED = "strided"
+
+
+def layout_of(t: torch.Tensor) -> str:
+    """Classify a [N, C, *spatial] tensor's memory layout as channels-first, channels-last or other."""
+    if t.is_contiguous():
+        return CHANNELS_FIRST
+    if t.dim() >= 3 and t.movedim(1, -1).is_contiguous():
+        return CHANNELS_LAST
+    return STRIDED
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Return ``t`` with the given layout (channels-last works for any rank, 1D included)."""
+    if layout == CHANNELS_LAST:
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+    return t.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelMixSpec:
+    """``y[n, o, *s] = sum_i W[o, i] x[n, i, *s] + b[o]`` (per group), i.e. a pointwise conv.
+
+    ``spatial`` is the input's spatial size; ``padding`` and ``stride`` say which input
+    positions are read (a 1x1 kernel reads the zero-padded input subsampled by the stride).
+    ``in_layout``/``out_layout`` are the memory layouts of the input the site receives and
+    of the output the original op produces: every form must return that output layout, so
+    the copies a form needs are part of its measured cost.
+    """
+
+    kind: ClassVar[str] = "channel_mix"
+
+    batch: int
+    in_channels: int
+    out_channels: int
+    spatial: tuple[int, ...]
+    groups: int = 1
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    bias: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    in_layout: str = CHANNELS_FIRST
+    out_layout: str = CHANNELS_FIRST
+    grad: bool = False
+
+    def __post_init__(self):
+        nd = len(self.spatial)
+        if nd not in (1, 2, 3):
+            raise ValueError(f"channel mix needs 1 to 3 spatial dims, got {self.spatial}")
+        object.__setattr__(self, "stride", tuple(self.stride) or (1,) * nd)
+        object.__setattr__(self, "padding", tuple(self.padding) or (0,) * nd)
+        if len(self.stride) != nd or len(self.padding) != nd:
+            raise ValueError("stride and padding need one entry per spatial dim")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError("channels must be divisible by groups")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def out_spatial(self) -> tuple[int, ...]:
+        return tuple((s + 2 * p - 1) // st + 1 for s, p, st in zip(self.spatial, self.padding, self.stride))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def key(self) -> str:
+        """The cost-table key: every field that can change which form is fastest."""
+        dims = lambda t: "x".join(map(str, t))  # noqa: E731
+        return (
+            f"{self.kind}|n{self.batch}|i{self.in_channels}|o{self.out_channels}|s{dims(self.spatial)}"
+            f"|g{self.groups}|st{dims(self.stride)}|p{dims(self.padding)}|b{int(self.bias)}"
+            f"|{self.dtype}|{self.device}|{self.in_layout}>{self.out_layout}|{'train' if self.grad else 'infer'}"
+        )
+
+    @classmethod
+    def from_key(cls, key: str) -> "ChannelMixSpec":
+        """Inverse of :meth:`key`."""
+        parts = key.split("|")
+        if parts[0] != cls.kind or len(parts) != 13:
+            raise ValueError(f"not a {cls.kind} key: {key!r}")
+        dims = lambda s: tuple(int(v) for v in s.split("x"))  # noqa: E731
+        in_layout, out_layout = parts[11].split(">")
+        return cls(
+            batch=int(parts[1][1:]), in_channels=int(parts[2][1:]), out_channels=int(parts[3][1:]),
+            spatial=dims(parts[4][1:]), groups=int(parts[5][1:]), stride=dims(parts[6][2:]),
+            padding=dims(parts[7][1:]), bias=parts[8] == "b1", dtype=parts[9], device=parts[10],
+            in_layout=in_layout, out_layout=out_layout, grad=parts[12] == "train",
+        )
+
+    def features(self) -> tuple[tuple, tuple[float, ...]]:
+        """(categorical, numeric) features for predicting timings of unseen shapes.
+
+        Categorical: what changes the set of legal forms or their code path. Numeric: log2 of
+        the sizes that set the amount of work, per group.
+        """
+        categorical = (self.ndim, self.groups > 1, any(s > 1 for s in self.stride), any(self.padding),
+                       self.dtype, self.device, self.in_layout, self.out_layout, self.grad)
+        numeric = (
+            math.log2(self.batch),
+            math.log2(self.in_channels // self.groups),
+            math.log2(self.out_channels // self.groups),
+            math.log2(self.groups),
+            math.log2(math.prod(self.out_spatial)),
+        )
+        return categorical, numeric
+
+    def example_inputs(self, generator: torch.Generator | None = None):
+        """Random (x, weight, bias) with this spec's sizes, dtype, device and input layout."""
+        kw = dict(dtype=self.torch_dtype, device=self.device)
+        x = torch.randn(self.batch, self.in_channels, *self.spatial, generator=generator, **kw)
+        if self.in_layout == CHANNELS_LAST:
+            x = to_layout(x, CHANNELS_LAST)
+        elif self.in_layout == STRIDED:
+            x = torch.randn(*x.shape[:-1], 2 * x.shape[-1], generator=generator, **kw)[..., ::2]
+        w = torch.randn(self.out_channels, self.in_channels // self.groups, *(1,) * self.ndim,
+                        generator=generator, **kw) / math.sqrt(self.in_channels // self.groups)
+        b = torch.randn(self.out_channels, generator=generator, **kw) if self.bias else None
+        if self.grad:
+            x.requires_grad_(True)
+            w.requires_grad_(True)
+            if b is not None:
+                b.requires_grad_(True)
+        return x, w, b

@@ -1,0 +1,286 @@
+"""The per-device cost table: measured seconds per (spec key, form), stored as JSON.
+
+One file per device fingerprint lives in the user cache dir (``$CONVREWRITE_CACHE_DIR``,
+else ``$XDG_CACHE_HOME/convrewrite``, else ``~/.cache/convrewrite``). A default CPU table
+ships in the package. Writes are atomic (temp file + ``os.replace``) and merge with what is
+on disk under a file lock, so concurrent profiles never lose each other's entries.
+
+Shapes not in the table are predicted by the rule in :meth:`CostTable.predict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+VERSION = 1
+TABLES_DIR = Path(__file__).parent / "tables"
+NEIGHBOURS = 4
+CATEGORY_PENALTY = 3.0  # distance, in log2 units of size, of one categorical mismatch
+
+
+class TableError(ValueError):
+    """A cost-table file that cannot be used (truncated, corrupt, wrong version or device)."""
+
+
+def device_type(device) -> str:
+    return torch.device(device).type
+
+
+def fingerprint(device="cpu") -> dict:
+    """What identifies a machine's timings: on CPU the model, ISA, threads and torch version;
+    on CUDA the device name, capability, and CUDA/cuDNN/torch versions."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return {
+            "device": "cuda", "name": torch.cuda.get_device_name(index),
+            "capability": list(torch.cuda.get_device_capability(index)),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "torch": torch.__version__,
+        }
+    return {
+        "device": "cpu", "model": _cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """The user cache dir for cost tables."""
+    if "CONVREWRITE_CACHE_DIR" in os.environ:
+        return Path(os.environ["CONVREWRITE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "convrewrite"
+
+
+def user_table_path(device="cpu") -> Path:
+    """Where this machine's table for ``device`` lives: named by a hash of its fingerprint."""
+    fp = fingerprint(device)
+    digest = hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"{fp['device']}-{digest}.json"
+
+
+def shipped_table_path(device="cpu") -> Path:
+    """The table shipped in the package for this device type (CUDA: per device name)."""
+    fp = fingerprint(device)
+    if fp["device"] == "cuda":
+        name = "".join(c if c.isalnum() else "-" for c in fp["name"].lower())
+        return TABLES_DIR / f"cuda-{name}.json"
+    return TABLES_DIR / "cpu.json"
+
+
+@dataclasses.dataclass
+class CostTable:
+    """Seconds per call, ``entries[spec_key][form_name]``, for one device."""
+
+    fingerprint: dict
+    entries: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    form_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
+    profiled: bool = False
+    origin: str = "empty"
+
+    # -- file I/O ---------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"version": VERSION, "fingerprint": self.fingerprint, "profiled": self.profiled,
+                "forms": self.form_hashes, "entries": self.entries}
+
+    @classmethod
+    def read(cls, path: Path) -> "CostTable":
+        """Load a table file; raise :class:`TableError` on anything unusable."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TableError(f"cannot read cost table {path}: {e}") from None
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            raise TableError(f"cost table {path} has version {data.get('version') if isinstance(data, dict) else None!r}, expected {VERSION}")
+        try:
+            entries = {str(k): {str(f): float(t) for f, t in v.items() if math.isfinite(float(t)) and t > 0}
+                       for k, v in data["entries"].items()}
+            table = cls(dict(data["fingerprint"]), entries, dict(data.get("forms", {})),
+                        bool(data.get("profiled", False)), origin=str(path))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TableError(f"cost table {path} is malformed: {e!r}") from None
+        return table
+
+    def write(self, path: Path) -> bool:
+        """Merge this table into the file at ``path`` atomically; warn and return False on failure."""
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(path):
+                merged = self._merged_with_disk(path)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(merged.to_json(), f, indent=1, sort_keys=True)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+        except OSError as e:
+            warnings.warn(f"convrewrite: could not write cost table {path}: {e}; timings kept in memory only", stacklevel=2)
+            return False
+        return True
+
+    def _merged_with_disk(self, path: Path) -> "CostTable":
+        try:
+            disk = CostTable.read(path)
+        except TableError:
+            return self
+        if disk.fingerprint != self.fingerprint:
+            return self
+        merged = CostTable(self.fingerprint, {k: dict(v) for k, v in disk.entries.items()},
+                           {**disk.form_hashes, **self.form_hashes}, self.profiled or disk.profiled)
+        merged._drop_stale_forms()
+        for key, times in self.entries.items():
+            merged.entries.setdefault(key, {}).update(times)
+        return merged
+
+    # -- content ----------------------------------------------------------------------------
+    def add(self, key: str, times: dict[str, float], form_hashes: dict[str, str]) -> None:
+        """Record measured seconds for ``key`` (and the source hashes of the forms timed)."""
+        self.form_hashes.update(form_hashes)
+        self.entries.setdefault(key, {}).update(times)
+
+    def _drop_stale_forms(self) -> None:
+        """Forget timings of forms whose source changed since they were measured."""
+        from .forms import _REGISTRY
+        current = {name: f.source_hash for forms in _REGISTRY.values() for name, f in forms.items()}
+        stale = {n for n, h in self.form_hashes.items() if n in current and current[n] != h}
+        for times in self.entries.values():
+            for name in stale:
+                times.pop(name, None)
+        for name in stale:
+            del self.form_hashes[name]
+
+    def lookup(self, spec) -> dict[str, float] | None:
+        """Measured seconds for exactly this spec, if present."""
+        return self.entries.get(spec.key())
+
+    def predict(self, spec, names: list[str], original: str) -> dict[str, float]:
+        """Predicted seconds for each form in ``names`` on an unseen spec.
+
+        The rule: take the table entries of the same spec kind, at distance
+        ``|log2 sizes - log2 sizes'| + CATEGORY_PENALTY * (categorical mismatches)``
+        (sizes: batch, channels per group, groups, output positions). For each form, average
+        ``log(t_form / t_original)`` over the ``NEIGHBOURS`` nearest entries that timed both,
+        weighted by ``1 / (distance + 0.5)^2``; the original's own time is predicted the same
+        way from ``log(t_original / work)``. A form no neighbour timed gets no prediction.
+        """
+        cat, num = spec.features()
+        scored = []
+        for key, times in self.entries.items():
+            other = _spec_from_key(key, type(spec))
+            if other is None or original not in times:
+                continue
+            ocat, onum = other.features()
+            dist = math.dist(num, onum) + CATEGORY_PENALTY * sum(a != b for a, b in zip(cat, ocat))
+            scored.append((dist, other, times))
+        scored.sort(key=lambda s: s[0])
+        if not scored:
+            return {}
+        log_orig = _weighted([(d, math.log(t[original] / _work(o))) for d, o, t in scored[:NEIGHBOURS]])
+        t_orig = math.exp(log_orig) * _work(spec)
+        out = {original: t_orig}
+        for name in names:
+            near = [(d, math.log(t[name] / t[original])) for d, o, t in scored if name in t][:NEIGHBOURS]
+            if name != original and near:
+                out[name] = t_orig * math.exp(_weighted(near))
+        return out
+
+
+def _weighted(pairs: list[tuple[float, float]]) -> float:
+    weights = [1.0 / (d + 0.5) ** 2 for d, _ in pairs]
+    return sum(w * v for w, (_, v) in zip(weights, pairs)) / sum(weights)
+
+
+def _work(spec) -> float:
+    """A rough size of the work (multiply-adds plus elements moved), only to scale times."""
+    positions = spec.batch * math.prod(spec.out_spatial)
+    return positions * (spec.in_channels * spec.out_channels / spec.groups + spec.in_channels + spec.out_channels)
+
+
+_KEY_CACHE: dict[str, object] = {}
+
+
+def _spec_from_key(key: str, spec_type):
+    if key not in _KEY_CACHE:
+        try:
+            _KEY_CACHE[key] = spec_type.from_key(key)
+        except ValueError:
+            _KEY_CACHE[key] = None
+    return _KEY_CACHE[key]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock beside ``path`` (no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load_table(device="cpu", path: str | os.PathLike | None = None) -> CostTable:
+    """The table to decide with for ``device``.
+
+    ``path`` if given; else this machine's table in the cache dir; where that is missing or
+    was not written by a full profile, the shipped table for the device type fills in beneath
+    it. An unusable file gives a warning and the next source is used.
+    """
+    fp = fingerprint(device)
+    layers = []
+    for candidate in ([Path(path)] if path else []) + [user_table_path(device), shipped_table_path(device)]:
+        if not candidate.exists():
+            continue
+        try:
+            table = CostTable.read(candidate)
+        except TableError as e:
+            warnings.warn(f"convrewrite: {e}; falling back", stacklevel=2)
+            continue
+        if table.fingerprint.get("device") != fp["device"]:
+            warnings.warn(f"convrewrite: cost table {candidate} is for {table.fingerprint.get('device')!r}, "
+                          f"not {fp['device']!r}; ignoring it", stacklevel=2)
+            continue
+        table._drop_stale_forms()
+        layers.append(table)
+        if table.profiled:
+            break
+    return _stack(layers, fp)
+
+
+def _stack(layers: list[CostTable], fp: dict) -> CostTable:
+    """One table from layers, earlier layers winning on the same key."""
+    if not layers:
+        return CostTable(fp)
+    top = CostTable(fp, {}, {}, layers[0].profiled, " + ".join(t.origin for t in layers))
+    for table in reversed(layers):
+        top.form_hashes.update(table.form_hashes)
+        top.entries.update({k: dict(v) for k, v in table.entries.items()})
+    return top

@@ -1,0 +1,38 @@
+"""Shared fixtures: an isolated cache dir for every test, and fake cost tables so no test
+depends on timing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convrewrite.forms import forms_for
+from convrewrite.table import CostTable, fingerprint
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty user cache dir."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CONVREWRITE_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def fake_table(tmp_path):
+    """``fake_table(specs, winner)``: a profiled table file where ``winner`` is 4x faster than
+    every other legal form of each spec (or the original wins if ``winner`` is None)."""
+
+    def make(specs, winner=None, original_time=1e-3, ratio=4.0):
+        table = CostTable(fingerprint("cpu"), profiled=True)
+        for spec in specs:
+            forms = forms_for(spec)
+            times = {f.name: original_time for f in forms}
+            if winner is not None and winner in times:
+                times[winner] = original_time / ratio
+            table.add(spec.key(), times, {f.name: f.source_hash for f in forms})
+        path = tmp_path / f"table-{len(list(tmp_path.iterdir()))}.json"
+        assert table.write(path)
+        return path
+
+    return make

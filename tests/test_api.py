@@ -1,0 +1,263 @@
+"""optimize() and explain(): semantics of the optimized module, with choices from fake tables."""
+
+import copy
+import io
+import pickle
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convrewrite
+from convrewrite.forms import unregister_form
+from convrewrite.forms.channel_mix import conv
+from convrewrite.module import ConvRewriteModule
+
+from .helpers import assert_same_outputs_and_grads
+
+
+class PointNetish(nn.Module):
+    """Pointwise convs of every flavour, with distractors around them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(3, 16, 1)
+        self.bn = nn.BatchNorm1d(16)
+        self.b = nn.Conv1d(16, 32, 1, groups=4, bias=False)
+        self.k3 = nn.Conv1d(32, 32, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.w = nn.Parameter(torch.randn(8, 32, 1) * 0.1)
+
+    def forward(self, x):
+        y = self.drop(torch.relu(self.bn(self.a(x))))
+        y = self.k3(self.b(y))
+        return F.conv1d(y, self.w, stride=2)
+
+
+def specs_of(model, x):
+    return [s.spec for s in _sites(model, x)]
+
+
+def _sites(model, x):
+    from convrewrite.capture import annotate, capture
+    from convrewrite.rules import find_sites
+    gm = capture(model)
+    annotate(gm, (x,), {})
+    return find_sites(gm)
+
+
+@pytest.fixture
+def model_and_table(fake_table):
+    torch.manual_seed(0)
+    model, x = PointNetish().eval(), torch.randn(4, 3, 50)
+    with torch.no_grad():
+        infer = specs_of(model, x)
+    train = specs_of(model.train(), x)
+    return model.eval(), x, fake_table(infer + train, winner="matmul")
+
+
+def site_forms(optimized, *inputs):
+    gm = optimized.graph_module(*inputs)
+    return [m.form.name for m in gm.modules() if type(m).__name__ == "SiteCall"]
+
+
+def test_rewrites_every_site_to_the_table_winner(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+        torch.testing.assert_close(opt(x), model(x))
+        assert site_forms(opt, x) == ["matmul"] * 3
+        report = opt.report
+    assert [s.chosen for s in report] == ["matmul"] * 3 and all(s.source == "table" for s in report)
+    assert "3 of 3 site(s) rewritten" in str(report)
+
+
+def test_outputs_and_gradients_match_in_training(model_and_table):
+    model, x, table = model_and_table
+    model.train()
+    opt = convrewrite.optimize(model, table=table)
+    torch.manual_seed(1)
+    model.drop.p = 0.0  # dropout masks would differ between the two runs
+    assert_same_outputs_and_grads(model, opt, x)
+    assert site_forms(opt, x) == ["matmul"] * 3
+
+
+def test_parameters_are_shared_and_state_dict_unchanged(model_and_table):
+    model, x, table = model_and_table
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = convrewrite.optimize(model, x, table=table)
+    assert list(opt.state_dict()) == list(before)
+    assert all(torch.equal(opt.state_dict()[k], v) for k, v in before.items())
+    assert all(p is q for p, q in zip(opt.parameters(), model.parameters()))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)  # an optimizer over the original trains both
+    opt(x).sum().backward()
+    sgd.step()
+    assert not torch.equal(model.a.weight, before["a.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+
+
+def test_state_dict_loads_into_both_classes(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    fresh = PointNetish()
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    opt2 = convrewrite.optimize(PointNetish(), table=table)
+    opt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x))
+        torch.testing.assert_close(opt2.eval()(x), model(x))
+
+
+def test_train_and_eval_reach_the_original(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    opt.train()
+    assert model.training and model.bn.training
+    opt.eval()
+    assert not model.training and not model.bn.training and not opt.training
+
+
+def test_specialises_per_signature(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    with torch.no_grad():
+        for inp in (x, torch.randn(2, 3, 17), torch.randn(4, 3, 50), torch.randn(2, 3, 17)):
+            torch.testing.assert_close(opt(inp), model(inp))
+    assert len(opt._state.specs) == 2
+    opt(x)  # grad mode on: a new signature
+    assert len(opt._state.specs) == 3
+
+
+def test_to_dtype_respecialises(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, x, table=table)
+    opt.double()
+    assert model.a.weight.dtype == torch.float64 and not opt._state.specs
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x.double()), model(x.double()))
+
+
+def test_user_module_keeps_working(model_and_table):
+    model, x, table = model_and_table
+    with torch.no_grad():
+        ref = model(x)
+        opt = convrewrite.optimize(model, x, table=table)
+        opt(x)
+        torch.testing.assert_close(model(x), ref)
+    assert type(model) is PointNetish and not isinstance(model, ConvRewriteModule)
+
+
+def test_uncapturable_model_runs_unchanged_with_one_warning():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(3, 3, 1)
+
+        def forward(self, x):
+            return self.c(x) if x.sum() > 0 else -self.c(x)
+
+    model, x = DataDependent(), torch.randn(2, 3, 5)
+    opt = convrewrite.optimize(model)
+    with pytest.warns(UserWarning, match="runs unchanged: torch.fx.symbolic_trace failed"):
+        out = opt(x)
+    torch.testing.assert_close(out, model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(opt(-x), model(-x))
+        torch.testing.assert_close(opt(torch.randn(1, 3, 4)).shape, torch.Size([1, 3, 4]))
+    assert "not captured" in str(opt.report)
+
+
+def test_rejects_non_modules():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        convrewrite.optimize(lambda x: x)
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(TypeError, match="valid options"):
+        convrewrite.optimize(nn.Conv1d(1, 1, 1), marginn=2)
+
+
+def test_verify_reverts_a_wrong_form(model_and_table, fake_table):
+    model, x, _ = model_and_table
+
+    @convrewrite.register_form("channel_mix", "test_wrong")
+    def wrong(x, w, b, *, spec):
+        return conv(x, w, b, spec=spec) * 1.01
+
+    try:
+        with torch.no_grad():
+            table = fake_table(specs_of(model, x), winner="test_wrong")
+            opt = convrewrite.optimize(model, table=table)
+            torch.testing.assert_close(opt(x), model(x))
+            torch.testing.assert_close(opt(x), model(x))
+        assert all(s.chosen == "conv" and "differs" in s.note for s in opt.report)
+    finally:
+        unregister_form("channel_mix", "test_wrong")
+
+
+def test_explain_reports_every_site(model_and_table):
+    model, x, table = model_and_table
+    with torch.no_grad():
+        report = convrewrite.explain(model, x, table=table)
+    assert [s.path for s in report] == ["a", "b", "conv1d"]
+    assert all(s.t_original and s.t_chosen and s.t_original > s.t_chosen for s in report)
+    text = str(report)
+    for word in ("site", "chosen", "matmul", "[4,3,50]->16"):
+        assert word in text
+
+
+def test_deepcopy_and_pickle(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, x, table=table)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.original is not model and clone.a.weight is clone.original.a.weight
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), model(x))
+            torch.testing.assert_close(clone(x), model(x))
+
+
+def test_concurrent_first_calls_specialise_once(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    outs, barrier = [], threading.Barrier(4)
+
+    def call():
+        barrier.wait()
+        with torch.no_grad():
+            outs.append(opt(x))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opt._state.specs) == 1 and len(outs) == 4
+    with torch.no_grad():
+        for out in outs:
+            torch.testing.assert_close(out, model(x))
+
+
+def test_inference_mode_and_keyword_inputs(model_and_table):
+    model, x, table = model_and_table
+
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, scale=1.0):
+            return self.inner(x) * scale
+
+    opt = convrewrite.optimize(Kw(), table=table)
+    with torch.inference_mode():
+        for _ in range(2):
+            torch.testing.assert_close(opt(x, scale=2.0), model(x) * 2.0)
+            torch.testing.assert_close(opt(x=x), model(x))

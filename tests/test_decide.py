@@ -1,0 +1,62 @@
+"""Choices made from fake tables: the margin, the source of the figures, allowed forms."""
+
+import pytest
+
+from convrewrite.decide import MEASURED, NONE, PREDICTED, TABLE, choose
+from convrewrite.options import Options
+from convrewrite.spec import ChannelMixSpec
+from convrewrite.table import CostTable, fingerprint, user_table_path
+
+SPEC = ChannelMixSpec(4, 8, 16, (32,))
+
+
+def table(times, spec=SPEC):
+    t = CostTable(fingerprint("cpu"))
+    t.add(spec.key(), times, {})
+    return t
+
+
+def test_exact_entry_picks_the_fastest():
+    c = choose(SPEC, "conv", table({"conv": 3.0, "matmul": 1.0, "linear": 2.0}), Options())
+    assert (c.form, c.source, c.t_original, c.t_chosen) == ("matmul", TABLE, 3.0, 1.0)
+
+
+@pytest.mark.parametrize("margin, expected", [(1.1, "conv"), (1.01, "matmul")])
+def test_margin_keeps_the_original_unless_clearly_faster(margin, expected):
+    c = choose(SPEC, "conv", table({"conv": 1.05, "matmul": 1.0}), Options(margin=margin))
+    assert c.form == expected
+
+
+def test_unseen_spec_is_predicted_from_neighbours():
+    near = ChannelMixSpec(4, 8, 16, (30,))
+    c = choose(SPEC, "conv", table({"conv": 3.0, "baddbmm": 1.0}, near), Options())
+    assert (c.form, c.source) == ("baddbmm", PREDICTED)
+
+
+def test_no_figures_keeps_the_original():
+    c = choose(SPEC, "conv", CostTable(fingerprint("cpu")), Options())
+    assert (c.form, c.source, c.rewritten) == ("conv", NONE, False)
+
+
+def test_forms_option_restricts_the_choice():
+    c = choose(SPEC, "conv", table({"conv": 3.0, "matmul": 1.0, "linear": 2.0}), Options(forms=("linear",)))
+    assert c.form == "linear"
+
+
+def test_measure_on_miss_times_and_remembers(isolated_cache):
+    t = CostTable(fingerprint("cpu"))
+    c = choose(SPEC, "conv", t, Options(measure=True))
+    assert c.source == MEASURED and set(c.times) >= {"conv", "matmul", "linear"}
+    assert t.lookup(SPEC) == c.times
+    assert CostTable.read(user_table_path("cpu")).lookup(SPEC) == c.times
+
+
+@pytest.mark.parametrize("bad", [dict(margin=0.5), dict(margin="2"), dict(measure=1), dict(verify="yes")])
+def test_options_are_validated(bad):
+    with pytest.raises((ValueError, TypeError)):
+        Options(**bad)
+
+
+def test_unknown_option_names_the_valid_ones():
+    with pytest.raises(TypeError, match="valid options: .*margin"):
+        Options.from_kwargs(margn=1.2)

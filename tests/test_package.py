@@ -1,0 +1,27 @@
+"""Import cost, the README's commands, and the examples."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_import_is_cheap_and_initialises_nothing():
+    code = ("import sys, torch, convrewrite, torch.nn as nn; m = convrewrite.optimize(nn.Conv1d(2, 2, 1));"
+            "m(torch.randn(1, 2, 3)); m(torch.randn(1, 2, 3));"
+            "assert 'torch._inductor' not in sys.modules, 'inductor imported';"
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python -m pytest -q" in readme and "pytest -q" in ci
+
+
+def test_quickstart_example_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    assert "outputs match" in out and "site(s) rewritten" in out and "optimized" in out

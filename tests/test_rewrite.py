@@ -1,0 +1,59 @@
+import torch
+import torch.nn as nn
+
+from convrewrite.capture import annotate, capture
+from convrewrite.forms import Form, get_form
+from convrewrite.forms.channel_mix import conv
+from convrewrite.options import Options
+from convrewrite.passes import rewrite
+from convrewrite.rewrite import SiteCall, emit, verify
+from convrewrite.rules import find_sites
+from convrewrite.spec import ChannelMixSpec
+
+SPEC = ChannelMixSpec(2, 4, 6, (5, 5))
+
+
+def test_verify_accepts_equal_forms_and_names_wrong_ones():
+    original = get_form("channel_mix", "conv")
+    assert verify(get_form("channel_mix", "matmul"), original, SPEC) is None
+    off = Form("channel_mix", "off", lambda x, w, b, *, spec: conv(x, w, b, spec=spec) + 1e-2)
+    assert "differs" in verify(off, original, SPEC)
+    shape = Form("channel_mix", "shape", lambda x, w, b, *, spec: conv(x, w, b, spec=spec)[:1])
+    assert "returned" in verify(shape, original, SPEC)
+
+
+def test_emit_replaces_the_conv_with_a_site_call_reading_live_weights():
+    model = nn.Sequential(nn.Conv2d(4, 6, 1), nn.ReLU())
+    gm = capture(model)
+    x = torch.randn(2, 4, 5, 5)
+    annotate(gm, (x,), {})
+    (site,) = find_sites(gm)
+    emit(gm, site, get_form("channel_mix", "matmul"), "site")
+    gm.recompile()
+    assert isinstance(gm.site, SiteCall) and not [n for n in gm.graph.nodes if n.target == "0"]
+    torch.testing.assert_close(gm(x), model(x))
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # the graph reads the user's parameter, not a copy
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_chained_sites_are_all_rewritten(fake_table):
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), nn.Conv1d(4, 4, 1), nn.Conv1d(4, 4, 1))
+    x = torch.randn(2, 4, 7)
+    gm = capture(model)
+    annotate(gm, (x,), {})
+    table = fake_table([s.spec for s in find_sites(gm)], winner="linear")
+    report = rewrite(gm, Options(table=table))
+    assert [s.chosen for s in report] == ["linear"] * 3
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_rewrite_is_idempotent(fake_table):
+    model = nn.Sequential(nn.Conv1d(4, 4, 1))
+    x = torch.randn(2, 4, 7)
+    gm = capture(model)
+    annotate(gm, (x,), {})
+    table = fake_table([s.spec for s in find_sites(gm)], winner="linear")
+    rewrite(gm, Options(table=table))
+    annotate(gm, (x,), {})
+    assert len(rewrite(gm, Options(table=table))) == 0
