@@ -9,7 +9,6 @@ only from there, so they serve any graph that carries the same annotation.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 import torch.fx as fx
@@ -44,10 +43,11 @@ def info(node) -> TensorInfo | None:
     return node.meta.get(META) if isinstance(node, fx.Node) else None
 
 
-def capture(module: torch.nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``module``; the graph shares the module's submodules and parameters."""
+def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
+    """Symbolically trace ``module`` with ``concrete_args`` fixed (fx asserts them at run time);
+    the graph shares the module's submodules and parameters."""
     try:
-        return fx.symbolic_trace(module)
+        return fx.symbolic_trace(module, concrete_args=concrete_args or None)
     except Exception as e:  # symbolic_trace raises many types for untraceable Python
         raise CaptureError(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0]) from e
 
@@ -60,11 +60,7 @@ class _Annotator(fx.Interpreter):
         return result
 
 
-def annotate(gm: fx.GraphModule, args: tuple, kwargs: dict):
-    """Run ``gm`` on real inputs, annotating its nodes; return the graph's output."""
-    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    flat = []
-    for value, param in zip(bound.arguments.values(), inspect.signature(gm.forward).parameters.values()):
-        flat.extend(value if param.kind is inspect.Parameter.VAR_POSITIONAL else [value])
-    return _Annotator(gm).run(*flat)
+def annotate(gm: fx.GraphModule, args: tuple):
+    """Run ``gm`` on real inputs (one per placeholder, in order), annotating its nodes;
+    return the graph's output."""
+    return _Annotator(gm).run(*args)

@@ -11,6 +11,7 @@ from .options import Options
 from .table import CostTable, user_table_path
 
 TABLE, PREDICTED, MEASURED, NONE = "table", "predicted", "measured", "none"
+AUTO_AGREEMENT = 0.7  # below this share of agreeing neighbours, measure="auto" measures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,22 +37,49 @@ class Choice:
 
 
 def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
-    """Pick the form for ``spec``: exact table entry, else a measurement (``options.measure``),
-    else the table's prediction; no figures at all keeps the original."""
-    forms = [f for f in forms_for(spec) if options.forms is None or f.name in options.forms or f.name == original]
+    """Pick the form for ``spec`` from the first figures found:
+
+    1. an exact table entry that timed every legal form;
+    2. a measurement of every legal form, if ``options.measure`` is True or the spec kind
+       cannot be predicted (a model's own layout chain);
+    3. the table's prediction; with ``measure="auto"`` (the default) a prediction whose
+       neighbours disagree (agreement below ``AUTO_AGREEMENT``) is replaced by a measurement.
+
+    No figures at all keeps the original. ``options.forms`` limits what may be chosen.
+    """
+    forms = forms_for(spec)
     names = [f.name for f in forms]
+    allowed = {original, *(names if options.forms is None else options.forms)}
     times, source = table.lookup(spec), TABLE
-    if times is None and options.measure:
-        times, source = time_forms(spec, forms), MEASURED
-        _remember(table, spec, times, forms)
+    if times is not None and not set(names) <= set(times):
+        times = None  # a form was added since (or the entry was cut short): not an exact hit
+    if times is None and (options.measure is True or not spec.predictable):
+        times, source = _measure(table, spec, forms), MEASURED
     if times is None:
         times, source = table.predict(spec, names, original), PREDICTED
-    times = {n: t for n, t in times.items() if n in names}
+        guess = _pick(times, original, allowed, options.margin)
+        if options.measure == "auto" and times and table.agreement(spec, guess, original) < AUTO_AGREEMENT:
+            times, source = _measure(table, spec, forms), MEASURED
+    times = {n: t for n, t in times.items() if n in allowed and n in names}
     if original not in times:
         return Choice(original, original, times, NONE)
-    best = min(times, key=times.get)
-    form = best if times[original] >= options.margin * times[best] else original
-    return Choice(form, original, times, source)
+    return Choice(_pick(times, original, allowed, options.margin), original, times, source)
+
+
+def _pick(times: dict[str, float], original: str, allowed: set, margin: float) -> str:
+    """The fastest allowed form if it beats the original by ``margin``, else the original."""
+    candidates = {n: t for n, t in times.items() if n in allowed}
+    if original not in candidates:
+        return original
+    best = min(candidates, key=candidates.get)
+    return best if candidates[original] >= margin * candidates[best] else original
+
+
+def _measure(table: CostTable, spec, forms) -> dict[str, float]:
+    """Time every legal form now, and remember the figures in memory and in the user table."""
+    times = time_forms(spec, forms)
+    _remember(table, spec, times, forms)
+    return times
 
 
 def _remember(table: CostTable, spec, times: dict[str, float], forms) -> None:

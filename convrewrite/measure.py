@@ -7,6 +7,7 @@ round. The Timer synchronises CUDA itself and runs with torch's current thread c
 
 from __future__ import annotations
 
+import functools
 import statistics
 import warnings
 from typing import Callable
@@ -15,7 +16,6 @@ import torch
 from torch.utils import benchmark
 
 from .forms import Form
-from .spec import to_layout
 
 
 def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, block_s: float = 0.01) -> dict[str, float]:
@@ -41,17 +41,26 @@ def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, blo
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def form_call(form: Form, spec, x, w, b) -> Callable[[], object]:
-    """A zero-argument call of ``form`` on (x, w, b): forward, plus backward if ``spec.grad``."""
+def form_call(form: Form, spec, args: tuple) -> Callable[[], object]:
+    """A zero-argument call of ``form`` on ``args`` (x, *params): forward, plus backward if
+    ``spec.grad``; compiled by inductor first if that is the spec's executor."""
+    fn = functools.partial(form.fn, spec=spec)
+    if spec.executor == "inductor":
+        fn = torch.compile(fn, dynamic=False)
     if not spec.grad:
-        return lambda: form(x, w, b, spec=spec)
-    inputs = [t for t in (x, w, b) if t is not None]
-    grad_out = to_layout(torch.ones(spec.batch, spec.out_channels, *spec.out_spatial, dtype=x.dtype, device=x.device),
-                         spec.out_layout)
-    return lambda: torch.autograd.grad(form(x, w, b, spec=spec), inputs, grad_out)
+        return lambda: fn(*args)
+    inputs = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+    grad_out = []  # made on the first call, shaped and laid out like the form's output
+
+    def forward_backward():
+        out = fn(*args)
+        if not grad_out:
+            grad_out.append(torch.ones_like(out))
+        return torch.autograd.grad(out, inputs, grad_out[0])
+    return forward_backward
 
 
 def time_forms(spec, forms: list[Form], *, rounds: int = 5, block_s: float = 0.01) -> dict[str, float]:
     """Median seconds per call of each form on random inputs shaped like ``spec``."""
-    x, w, b = spec.example_inputs()
-    return time_callables({f.name: form_call(f, spec, x, w, b) for f in forms}, rounds=rounds, block_s=block_s)
+    args = spec.example_inputs()
+    return time_callables({f.name: form_call(f, spec, args) for f in forms}, rounds=rounds, block_s=block_s)

@@ -2,20 +2,24 @@
 
 It shares the original's parameter, buffer and submodule dicts, so ``state_dict()`` keys and
 values are the original's, an optimizer over either trains both, and ``train()``/``eval()``
-reach the same submodules. Each new input signature (shapes, dtypes, devices, layouts, grad
-mode) is captured, rewritten and cached; a model that cannot be captured runs unchanged.
+reach the same submodules; each rewritten graph shares them too, so parameters or submodules
+reassigned later are what runs. Each new input signature is captured, rewritten and cached.
+Whatever cannot be captured or run that way runs through the original module, unchanged.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import inspect
 import threading
 import warnings
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.modules import module as nn_module
 
 from .capture import CaptureError, annotate, capture
 from .options import Options
@@ -25,41 +29,61 @@ from .report import Report
 MAX_SPECIALIZATIONS = 64  # input signatures kept per module; the oldest is dropped beyond that
 
 
-def signature(args: tuple, kwargs: dict) -> tuple:
-    """What a specialisation depends on: every tensor's shape, strides (its layout), dtype,
-    device and requires_grad, other arguments by value, and the grad mode."""
-    def one(v):
-        if isinstance(v, torch.Tensor):
-            return (v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
-        if isinstance(v, (tuple, list)):
-            return (type(v).__name__, tuple(one(i) for i in v))
-        if isinstance(v, dict):
-            return ("dict", tuple((k, one(i)) for k, i in v.items()))
-        try:
-            hash(v)
-            return v
-        except TypeError:  # graphs do not bake in argument values: only tensor shapes matter
-            return ("type", type(v).__qualname__)
-    return (torch.is_grad_enabled(), tuple(one(a) for a in args), tuple((k, one(v)) for k, v in sorted(kwargs.items())))
+@dataclasses.dataclass
+class Specialization:
+    """The graph run for one input signature (None: run the original), and its report."""
+
+    gm: fx.GraphModule | None
+    report: Report
+    watched: tuple[nn.Module, ...] = ()  # rewritten modules: a hook added to one invalidates the graph
+
+    def stale(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in self.watched)
 
 
-def describe(args: tuple, kwargs: dict) -> str:
+@dataclasses.dataclass
+class _State:
+    """Per-module caches; kept out of nn.Module's attribute registry."""
+
+    specs: dict = dataclasses.field(default_factory=dict)
+    traces: dict = dataclasses.field(default_factory=dict)  # concrete (None/bool) arguments -> graph or error
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+    last_report: Report | None = None
+
+
+def _value_key(v):
+    """A value's part of the signature. Graphs are traced with None and bools fixed, and read
+    tensors by shape, strides, dtype, device and requires_grad; other values do not change
+    the graph, so only their type counts (a float timestep must not re-specialise)."""
+    if isinstance(v, torch.Tensor):
+        return (v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, (tuple, list)):
+        return (type(v), tuple(_value_key(i) for i in v))
+    if isinstance(v, dict):
+        return (dict, tuple((k, _value_key(i)) for k, i in v.items()))
+    return type(v)
+
+
+def describe(args) -> str:
     """A short human-readable form of the tensor arguments' shapes and dtypes."""
-    parts = [f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in (*args, *kwargs.values())
-             if isinstance(a, torch.Tensor)]
-    return ", ".join(parts)
+    return ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args if isinstance(a, torch.Tensor))
 
 
 class ConvRewriteModule(nn.Module):
-    """A module whose forward runs the rewritten graph for the current input signature."""
+    """A module whose forward runs the rewritten graph for the current input signature.
+
+    Attributes and methods of the original module stay reachable through this one.
+    """
 
     def __init__(self, original: nn.Module, options: Options):
         super().__init__()
         self.__dict__.update(_parameters=original._parameters, _buffers=original._buffers,
                              _modules=original._modules,
-                             _non_persistent_buffers_set=original._non_persistent_buffers_set)
-        self.__dict__["_convrewrite_original"] = original
-        self.__dict__["_convrewrite_options"] = options
+                             _non_persistent_buffers_set=original._non_persistent_buffers_set,
+                             _convrewrite_original=original, _convrewrite_options=options)
         self._reset_state()
         self.training = original.training
 
@@ -80,53 +104,117 @@ class ConvRewriteModule(nn.Module):
 
     def specialize(self, *args, **kwargs) -> Report:
         """Capture and rewrite for these inputs now (the first call does it otherwise)."""
-        return self._specialization(args, kwargs, run=False)[1]
+        return self._specialization_for(args, kwargs).report
 
     def graph_module(self, *args, **kwargs) -> fx.GraphModule | None:
-        """The rewritten graph used for these inputs (None if the model could not be captured)."""
-        return self._specialization(args, kwargs, run=False)[0]
+        """The rewritten graph run for these inputs (None where the original runs instead)."""
+        return self._specialization_for(args, kwargs).gm
+
+    def _specialization_for(self, args, kwargs) -> Specialization:
+        flat = self._flat(args, kwargs)
+        if flat is None:
+            why = "forward takes *args or **kwargs" if self.__dict__["_convrewrite_arity"] is None else \
+                "the arguments do not bind to forward's signature"
+            return Specialization(None, Report(note=f"not captured: {why}"))
+        return self._specialization(flat)[0]
 
     def forward(self, *args, **kwargs):
-        gm, _, first_output = self._specialization(args, kwargs, run=True)
-        if first_output is not _NOT_RUN:
-            return first_output
-        return gm(*args, **kwargs) if gm is not None else self.original(*args, **kwargs)
+        original = self.original
+        if _has_root_hooks(original):  # hooks on the root run only through its own __call__
+            return original(*args, **kwargs)
+        flat = self._flat(args, kwargs)
+        if flat is None:
+            return original(*args, **kwargs)
+        spec, output = self._specialization(flat)
+        if output is not _NOT_RUN:
+            return output
+        return spec.gm(*flat) if spec.gm is not None else original(*args, **kwargs)
 
     # -- specialisation ---------------------------------------------------------------------
-    def _specialization(self, args, kwargs, run: bool):
-        state, key = self._state, signature(args, kwargs)
-        entry = state.specs.get(key)
-        if entry is not None:
-            return (*entry, _NOT_RUN)
+    def _flat(self, args, kwargs) -> tuple | None:
+        """The arguments in forward's parameter order, defaults filled; None where forward takes
+        ``*args``/``**kwargs`` or the call does not bind (the original then runs, and says why)."""
+        arity = self.__dict__["_convrewrite_arity"]
+        if arity is None:
+            return None
+        if not kwargs and len(args) == arity:
+            return args
+        try:
+            bound = self._forward_signature.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
+    @property
+    def _forward_signature(self) -> inspect.Signature:
+        return self.__dict__["_convrewrite_signature"]
+
+    def _key(self, flat: tuple) -> tuple:
+        flags = tuple(m.training for m in self.__dict__["_convrewrite_inlined"])
+        return (torch.is_grad_enabled(), flags, tuple(_value_key(v) for v in flat))
+
+    def _specialization(self, flat: tuple):
+        state, key = self._state, self._key(flat)
+        spec = state.specs.get(key)
+        if spec is not None and not spec.stale():
+            return spec, _NOT_RUN
         with state.lock:
-            entry = state.specs.get(key)
-            if entry is not None:
-                return (*entry, _NOT_RUN)
-            gm, report, output = self._build(args, kwargs)
+            spec = state.specs.get(key)
+            if spec is not None and not spec.stale():
+                return spec, _NOT_RUN
+            spec, output = self._build(flat)
+            state.specs.pop(key, None)
             if len(state.specs) >= MAX_SPECIALIZATIONS:
                 state.specs.pop(next(iter(state.specs)))
-            state.specs[key] = (gm, report)
-            state.last_report = report
-        return gm, report, output if run else _NOT_RUN
+            state.specs[key] = spec
+            state.last_report = spec.report
+        return spec, output
 
-    def _build(self, args, kwargs):
-        """Capture, annotate (running the original graph once) and rewrite."""
-        state = self._state
-        if state.capture_error is None and state.traced is None:
-            try:
-                state.traced = capture(self.original)
-            except CaptureError as e:
-                state.capture_error = str(e)
-                warnings.warn(f"convrewrite: {type(self.original).__name__} runs unchanged: {e}", stacklevel=4)
-        if state.traced is None:
-            return None, Report(signature=describe(args, kwargs), note=f"not captured: {state.capture_error}"), _NOT_RUN
-        gm = fx.GraphModule(state.traced, copy.deepcopy(state.traced.graph))
-        output = annotate(gm, args, kwargs)
+    def _build(self, flat: tuple):
+        """Capture (once per pattern of None/bool arguments), annotate by running the graph
+        once on these inputs (its output is this call's), and rewrite."""
+        signature = describe(flat)
+        traced = self._trace(flat)
+        if isinstance(traced, str):
+            return Specialization(None, Report(signature=signature, note=f"not captured: {traced}")), _NOT_RUN
+        gm = _sharing_graph_module(traced, self.original)
+        try:
+            output = annotate(gm, flat)
+        except Exception as e:  # the original reports the user's own error, if it is one
+            warnings.warn(f"convrewrite: the captured graph of {type(self.original).__name__} failed on these inputs "
+                          f"({type(e).__name__}: {e}); they run through the original module", stacklevel=5)
+            return Specialization(None, Report(signature=signature, note=f"graph failed: {e}")), _NOT_RUN
         report = rewrite(gm, self.options)
-        return gm, Report(report.sites, describe(args, kwargs)), output
+        watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
+        return Specialization(gm, Report(report.sites, signature), watched), output
+
+    def _trace(self, flat: tuple) -> fx.GraphModule | str:
+        """The captured graph for this pattern of None/bool arguments and training flags."""
+        names = list(self._forward_signature.parameters)
+        concrete = {n: v for n, v in zip(names, flat) if v is None or isinstance(v, bool)}
+        key = (tuple(concrete.items()), tuple(m.training for m in self.__dict__["_convrewrite_inlined"]))
+        traces = self._state.traces
+        if key not in traces:
+            try:
+                traces[key] = capture(self.original, concrete)
+            except CaptureError as e:
+                traces[key] = str(e)
+                warnings.warn(f"convrewrite: {type(self.original).__name__} runs unchanged: {e}", stacklevel=6)
+        return traces[key]
 
     def _reset_state(self) -> None:
-        self.__dict__["_state"] = _State()
+        original = self.original
+        tracer = fx.Tracer()
+        signature = inspect.signature(original.forward)
+        variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values())
+        self.__dict__.update(
+            _state=_State(),
+            _convrewrite_signature=signature,
+            _convrewrite_arity=None if variadic else len(signature.parameters),
+            # modules whose forward is traced through: Python reads of their .training are baked in
+            _convrewrite_inlined=tuple(m for name, m in original.named_modules() if not tracer.is_leaf_module(m, name)),
+        )
 
     # -- nn.Module behaviour that must reach the original too --------------------------------
     def train(self, mode: bool = True):
@@ -140,12 +228,30 @@ class ConvRewriteModule(nn.Module):
         self._reset_state()
         return self
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "_convrewrite_original" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_convrewrite_original"], name)
+
+    def __getitem__(self, index):
+        return self.original[index]
+
+    def __len__(self):
+        return len(self.original)
+
+    def __iter__(self):
+        return iter(self.original)
+
     def extra_repr(self) -> str:
         return f"convrewrite: {len(self._state.specs)} specialisation(s) of {type(self.original).__name__}"
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        del state["_state"]  # specialisations are rebuilt on demand; locks do not pickle
+        for name in ("_state", "_convrewrite_signature", "_convrewrite_arity", "_convrewrite_inlined"):
+            del state[name]  # rebuilt on demand; locks and graphs of bound methods do not pickle
         return state
 
     def __setstate__(self, state):
@@ -153,15 +259,25 @@ class ConvRewriteModule(nn.Module):
         self._reset_state()
 
 
-@dataclasses.dataclass
-class _State:
-    """Per-module cache of captured graphs; kept out of nn.Module's attribute registry."""
+def _sharing_graph_module(traced: fx.GraphModule, original: nn.Module) -> fx.GraphModule:
+    """A fresh GraphModule over a copy of ``traced``'s graph whose parameters, buffers and
+    submodules are the original's own dicts (submodules it adds stay its own)."""
+    gm = fx.GraphModule(traced, copy.deepcopy(traced.graph))
+    gm.__dict__.update(_parameters=original._parameters, _buffers=original._buffers,
+                       _modules=collections.ChainMap({}, original._modules))
+    return gm
 
-    specs: dict = dataclasses.field(default_factory=dict)
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    traced: fx.GraphModule | None = None
-    capture_error: str | None = None
-    last_report: Report | None = None
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _has_root_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
 
 
 _NOT_RUN = object()

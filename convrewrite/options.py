@@ -11,8 +11,9 @@ class Options:
     """What the pass may do.
 
     margin: keep the original unless a form is predicted at least this many times faster.
-    measure: time the exact shapes met at specialisation that the table lacks, and add them
-        to this machine's table (slower first call, exact choices).
+    measure: True times the exact shapes met at specialisation that the table lacks, and adds
+        them to this machine's table (slower first call, exact choices); "auto" (default) does
+        so only where the table's nearest entries disagree on the best form; False never does.
     verify: check every rewritten site numerically against the original op at
         specialisation, and keep the original where they disagree.
     table: path of a cost-table file to use before this machine's own and the shipped one.
@@ -20,19 +21,31 @@ class Options:
     """
 
     margin: float = 1.1
-    measure: bool = False
+    measure: bool | str = "auto"
     verify: bool = True
     table: str | os.PathLike | None = None
     forms: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.margin, (int, float)) or not self.margin >= 1.0:
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not self.margin >= 1.0:
             raise ValueError(f"margin must be a number >= 1.0, got {self.margin!r}")
-        for name in ("measure", "verify"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (isinstance(self.measure, bool) or self.measure == "auto"):
+            raise TypeError(f"measure must be True, False or 'auto', got {self.measure!r}")
+        if not isinstance(self.verify, bool):
+            raise TypeError(f"verify must be True or False, got {self.verify!r}")
+        if self.table is not None and not os.path.isfile(self.table):
+            raise FileNotFoundError(f"table: no cost-table file at {os.fspath(self.table)!r}")
         if self.forms is not None:
-            object.__setattr__(self, "forms", tuple(self.forms))
+            self._check_forms()
+
+    def _check_forms(self) -> None:
+        from .forms import registered_names
+        if isinstance(self.forms, str) or not all(isinstance(f, str) for f in self.forms):
+            raise TypeError(f"forms must be a sequence of form names, e.g. ('matmul',), got {self.forms!r}")
+        object.__setattr__(self, "forms", tuple(self.forms))
+        unknown = sorted(set(self.forms) - set(registered_names()))
+        if unknown:
+            raise ValueError(f"unknown form name(s) {unknown}; registered forms: {sorted(registered_names())}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "Options":

@@ -17,7 +17,7 @@ from .forms import get_form
 from .options import Options
 from .report import Report, SiteReport
 from .rewrite import emit, verify
-from .rules import Site, find_sites
+from .rules import Site, rules
 from .table import CostTable, load_table, user_table_path
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,14 @@ def table_for(device: str, options: Options) -> CostTable:
     return _TABLES[key]
 
 
-def rewrite(gm: fx.GraphModule, options: Options) -> Report:
-    """Rewrite every site of ``gm`` whose best form beats its original by ``options.margin``."""
-    rows, replaced = [], {}
-    for index, site in enumerate(find_sites(gm)):
-        site = _follow(site, replaced)
-        rows.append(_rewrite_site(gm, site, f"convrewrite_site{index}", options, replaced))
+def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Report:
+    """Rewrite every site of ``gm`` whose best form beats its original by ``options.margin``
+    when the graph is run by ``executor`` ("eager", or "inductor" for the dynamo backend)."""
+    rows, replaced, choices = [], {}, {}
+    for rule in rules():
+        for site in list(rule(gm)):  # each rule sees the graph the rules before it left
+            site = dataclasses.replace(_follow(site, replaced), spec=dataclasses.replace(site.spec, executor=executor))
+            rows.append(_rewrite_site(gm, site, f"convrewrite_site{len(rows)}", options, replaced, choices))
     gm.graph.lint()
     gm.recompile()
     log.info("convrewrite: rewrote %d of %d site(s)", sum(r.chosen != r.original for r in rows), len(rows))
@@ -49,26 +51,23 @@ def rewrite(gm: fx.GraphModule, options: Options) -> Report:
 def _follow(site: Site, replaced: dict) -> Site:
     """``site`` with inputs that earlier rewrites replaced pointing at their replacements."""
     get = lambda v: replaced.get(v, v) if isinstance(v, fx.Node) else v  # noqa: E731
-    return dataclasses.replace(site, x=get(site.x), weight=get(site.weight), bias=get(site.bias))
+    return dataclasses.replace(site, x=get(site.x), params=tuple(get(p) for p in site.params))
 
 
-def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, replaced: dict) -> SiteReport:
-    choice = choose(site.spec, site.original, table_for(site.spec.device, options), options)
+def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, replaced: dict,
+                  choices: dict) -> SiteReport:
+    key = (site.spec.key(), site.original)
+    if key not in choices:  # repeated layers share one decision
+        choices[key] = choose(site.spec, site.original, table_for(site.spec.device, options), options)
+    choice = choices[key]
     chosen, note = choice.form, "no figures for this spec" if choice.source == NONE else ""
     if choice.rewritten:
+        note = site.note
         form = get_form(site.spec.kind, chosen)
         problem = verify(form, get_form(site.spec.kind, site.original), site.spec) if options.verify else None
         if problem:
             chosen, note = site.original, f"kept original: {problem}"
         else:
             replaced[site.node] = emit(gm, site, form, name)
-    return SiteReport(site.path, site.pattern, _shape(site.spec), site.original, chosen,
+    return SiteReport(site.path, site.pattern, site.spec.describe(), site.original, chosen,
                       choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key())
-
-
-def _shape(spec) -> str:
-    dims = "x".join(map(str, spec.spatial))
-    extra = "".join([f" g{spec.groups}" if spec.groups > 1 else "",
-                     f" s{'x'.join(map(str, spec.stride))}" if any(s > 1 for s in spec.stride) else "",
-                     f" {spec.in_layout}" if spec.in_layout != "cf" else ""])
-    return f"[{spec.batch},{spec.in_channels},{dims}]->{spec.out_channels}{extra} {spec.dtype}"

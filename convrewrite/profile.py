@@ -1,7 +1,8 @@
 """``python -m convrewrite.profile``: rebuild this machine's cost table from microbenchmarks.
 
 Every registered form is timed on a seeded random grid of channel-mix specs (1D/2D/3D,
-batch, channels, spatial size, groups, stride, input layout, inference and training), and the
+batch, channels, spatial size, groups, stride, input layout, inference and training; half of
+them with sizes rounded the way models are written), and the
 table is written atomically to this machine's cache file (or ``--out``). A tabulate summary
 of which form wins where ends the run.
 """
@@ -19,7 +20,7 @@ import torch
 from tabulate import tabulate
 
 from .forms import forms_for
-from .forms.channel_mix import ORIGINAL, conv
+from .forms.channel_mix import ORIGINAL, channels_last_backward_may_crash, conv
 from .measure import time_forms
 from .spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, ChannelMixSpec, layout_of
 from .table import CostTable, fingerprint, user_table_path
@@ -31,23 +32,37 @@ def _log_uniform(rng: random.Random, lo: float, hi: float) -> int:
     return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
 
 
-def random_spec(rng: random.Random, device="cpu", dtype="float32", grad=False) -> ChannelMixSpec:
-    """One random pointwise-conv spec of the kind users write, its work capped by MAX_MACS."""
+def random_spec(rng: random.Random, device="cpu", dtype="float32", grad=False, realistic=False) -> ChannelMixSpec:
+    """One random pointwise-conv spec, its work capped by MAX_MACS.
+
+    Sizes are log-uniform integers; ``realistic`` rounds them the way models are written
+    (channels to multiples of 8, batch to a power of two, square images, lengths to
+    multiples of 8).
+    """
     while True:
         ndim = rng.choices((1, 2, 3), (0.45, 0.45, 0.1))[0]
         side_max = {1: 16384, 2: 128, 3: 24}[ndim]
-        spatial = tuple(_log_uniform(rng, 1, side_max) for _ in range(ndim))
-        cin, cout = _log_uniform(rng, 3, 1024), _log_uniform(rng, 3, 1024)
+        sides = [_log_uniform(rng, 1, side_max) for _ in range(1 if realistic and ndim > 1 else ndim)]
+        cin, cout, batch = _log_uniform(rng, 3, 1024), _log_uniform(rng, 3, 1024), _log_uniform(rng, 1, 128)
+        if realistic:
+            cin, cout = (_multiple(c, 8) for c in (cin, cout))
+            batch = 2 ** round(math.log2(batch))
+            sides = [_multiple(s, 8) if ndim == 1 else s for s in sides] * (ndim if ndim > 1 else 1)
         groups = 1
         if rng.random() < 0.15:
             groups = rng.choice([g for g in (2, 4, 8, math.gcd(cin, cout)) if cin % g == 0 and cout % g == 0])
-        stride = (2,) * ndim if rng.random() < 0.1 and min(spatial) > 1 else (1,) * ndim
+        stride = (2,) * ndim if rng.random() < 0.1 and min(sides) > 1 else (1,) * ndim
         in_layout = rng.choices((CHANNELS_FIRST, CHANNELS_LAST, STRIDED), (0.7, 0.25, 0.05))[0]
-        spec = ChannelMixSpec(_log_uniform(rng, 1, 128), cin, cout, spatial, groups, stride, bias=rng.random() < 0.8,
+        spec = ChannelMixSpec(batch, cin, cout, tuple(sides), groups, stride, bias=rng.random() < 0.8,
                               dtype=dtype, device=device, in_layout=in_layout, grad=grad)
         macs = spec.batch * math.prod(spec.out_spatial) * cin * cout / groups
-        if macs <= MAX_MACS * (0.3 if grad else 1.0):
+        crashes = in_layout == CHANNELS_LAST and spec.ndim > 1 and channels_last_backward_may_crash(spec)
+        if macs <= MAX_MACS * (0.3 if grad else 1.0) and not crashes:
             return with_out_layout(spec)
+
+
+def _multiple(v: int, m: int) -> int:
+    return max(m, m * round(v / m)) if v >= m else v
 
 
 def with_out_layout(spec: ChannelMixSpec) -> ChannelMixSpec:
@@ -58,16 +73,20 @@ def with_out_layout(spec: ChannelMixSpec) -> ChannelMixSpec:
     return ChannelMixSpec(**{**spec.__dict__, "out_layout": layout_of(out)})
 
 
-def build(specs: list[ChannelMixSpec], table: CostTable, rounds: int, block_s: float, progress=True) -> None:
-    """Time every legal form of every spec into ``table``, with a progress bar on stderr."""
+def build(specs: list[ChannelMixSpec], table: CostTable, rounds: int, block_s: float, progress=True,
+          checkpoint=None, every: int = 50) -> None:
+    """Time every legal form of every spec into ``table``, with a progress bar on stderr;
+    ``checkpoint(table)`` is called every ``every`` specs, so an interrupted run keeps its work."""
     from torch.hub import tqdm  # tqdm if installed, else torch's own minimal bar
 
     with tqdm(total=len(specs), disable=not progress, unit="spec", file=sys.stderr) as bar:
-        for spec in specs:
+        for i, spec in enumerate(specs, 1):
             forms = forms_for(spec)
             times = time_forms(spec, forms, rounds=rounds, block_s=block_s)
             table.add(spec.key(), times, {f.name: f.source_hash for f in forms if f.name in times})
             bar.update(1)
+            if checkpoint is not None and i % every == 0 and i < len(specs):
+                checkpoint(table)
 
 
 def summary(table: CostTable) -> str:
@@ -89,6 +108,13 @@ def summary(table: CostTable) -> str:
     return tabulate(rows, ("dims", "input", "mode", "size", "specs", "fastest form (count)", "median best/conv", "max"))
 
 
+def _dtype_name(name: str, parser: argparse.ArgumentParser) -> str:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        parser.error(f"--dtype: {name!r} is not a torch float dtype (float32, float64, bfloat16, float16)")
+    return str(dtype).removeprefix("torch.")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m convrewrite.profile",
@@ -96,8 +122,9 @@ def main(argv=None) -> int:
                     "channel mix on a seeded random grid of pointwise-conv shapes, and write the table "
                     "atomically to the user cache dir (or --out). optimize() reads it from there.")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to profile (default: cpu)")
-    parser.add_argument("--dtype", default="float32", help="comma-separated dtypes (default: float32)")
-    parser.add_argument("--mode", default="infer,train", help="infer, train or both (train times forward+backward)")
+    parser.add_argument("--dtype", default="float32", help="comma-separated float dtypes, e.g. float32,bfloat16 (default: float32)")
+    parser.add_argument("--mode", default="infer,train",
+                        help="infer, train, or infer,train (default): train times forward + backward")
     parser.add_argument("--quick", action="store_true", help="a small grid and short timings (under a minute on 2 CPU cores)")
     parser.add_argument("--specs", type=int, default=None, help="random specs per dtype and mode (default 600; 30 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shape grid (default 0)")
@@ -105,14 +132,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
+    modes = [m.strip() for m in args.mode.split(",")]
+    if not modes or set(modes) - {"infer", "train"}:
+        parser.error(f"--mode: expected infer, train or infer,train, got {args.mode!r}")
+    dtypes = [_dtype_name(d.strip(), parser) for d in args.dtype.split(",")]
     n = args.specs or (30 if args.quick else 600)
     rng = random.Random(args.seed)
-    specs = [random_spec(rng, args.device, dtype.strip(), mode.strip() == "train")
-             for dtype in args.dtype.split(",") for mode in args.mode.split(",") for _ in range(n)]
-    table = CostTable(fingerprint(args.device), profiled=not args.quick)
-    start = time.perf_counter()
-    build(specs, table, rounds=3 if args.quick else 5, block_s=0.002 if args.quick else 0.005)
+    specs = [random_spec(rng, args.device, dtype, mode == "train", realistic=i % 2 == 0)
+             for dtype in dtypes for mode in modes for i in range(n)]
     out = args.out or user_table_path(args.device)
+    table = CostTable(fingerprint(args.device))
+    start = time.perf_counter()
+    build(specs, table, rounds=3 if args.quick else 5, block_s=0.002 if args.quick else 0.005,
+          checkpoint=lambda partial: partial.write(out))
+    table.profiled = not args.quick  # only a finished full run may stand alone, without the shipped table
     print(summary(table))
     if not table.write(out):
         return 1

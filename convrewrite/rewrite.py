@@ -2,7 +2,7 @@
 
 The emitted node is a ``call_module`` to a :class:`SiteCall`, a parameterless module that
 holds the form and the spec: the graph reads ``self.convrewrite_site0(x, conv.weight, conv.bias)``
-and the weights stay the user's parameters, read live through ``get_attr``.
+and the weights stay the user's parameters, read live from their modules.
 """
 
 from __future__ import annotations
@@ -17,32 +17,66 @@ _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, tor
 
 
 class SiteCall(torch.nn.Module):
-    """Calls ``form(x, w, b, spec=spec)``; the graph's handle on one rewritten site."""
+    """Calls ``form(x, *params, spec=spec)``; the graph's handle on one rewritten site."""
 
     def __init__(self, form: Form, spec):
         super().__init__()
         self.form, self.spec = form, spec
 
-    def forward(self, x, w, b):
-        return self.form.fn(x, w, b, spec=self.spec)
+    def forward(self, x, *params):
+        return self.form.fn(x, *params, spec=self.spec)
 
     def extra_repr(self) -> str:
         return f"form={self.form.name!r}, spec={self.spec.key()!r}"
 
 
+_VERIFIED: dict[tuple, str | None] = {}
+
+
 def verify(form: Form, original: Form, spec) -> str | None:
-    """Run ``form`` and ``original`` on the same random inputs; return why they differ, or None."""
-    x, w, b = spec.example_inputs(torch.Generator(spec.device).manual_seed(0))
-    with torch.no_grad():
-        expected, got = original(x, w, b, spec=spec), form(x, w, b, spec=spec)
+    """Run ``form`` and ``original`` on the same random inputs, forward and (if ``spec.grad``)
+    backward; return why they differ, or None. Results are cached per forms' sources and spec."""
+    key = (form.name, form.source_hash, original.source_hash, spec.key())
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _compare(form, original, spec)
+    return _VERIFIED[key]
+
+
+def _compare(form: Form, original: Form, spec) -> str | None:
+    args = spec.example_inputs(torch.Generator(spec.device).manual_seed(0))
+    inputs = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+    with torch.set_grad_enabled(spec.grad):
+        expected, got = original(*args, spec=spec), form(*args, spec=spec)
     if got.shape != expected.shape or got.dtype != expected.dtype:
         return f"form {form.name!r} returned {tuple(got.shape)} {got.dtype}, expected {tuple(expected.shape)} {expected.dtype}"
-    tol = _TOLERANCE.get(expected.dtype, 1e-4)
-    err = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
-    scale = expected.double().abs().max().item() if expected.numel() else 0.0
-    if not err <= tol * max(scale, 1.0):
-        return f"form {form.name!r} differs from {original.name!r} by {err:.3g} (tolerance {tol * max(scale, 1.0):.3g})"
+    pairs = [("output", got, expected)]
+    if spec.grad:
+        grad_out = torch.randn(expected.shape, generator=torch.Generator(spec.device).manual_seed(1),
+                               dtype=expected.dtype, device=expected.device)
+        got_grads = torch.autograd.grad(got, inputs, grad_out)
+        want_grads = torch.autograd.grad(expected, inputs, grad_out)
+        pairs += [(f"gradient {i}", g, e) for i, (g, e) in enumerate(zip(got_grads, want_grads, strict=True))]
+    for what, g, e in pairs:
+        problem = _mismatch(g, e)
+        if problem:
+            return f"form {form.name!r} {what} differs from {original.name!r}'s by {problem}"
     return None
+
+
+def _mismatch(got: torch.Tensor, expected: torch.Tensor) -> str | None:
+    tol = _TOLERANCE.get(expected.dtype, 1e-4)
+    if not got.numel():
+        return None
+    err = (got.double() - expected.double()).abs().max().item()
+    bound = tol * max(expected.double().abs().max().item(), 1.0)
+    return None if err <= bound else f"{err:.3g} (tolerance {bound:.3g})"
+
+
+def _read_attribute(graph: fx.Graph, path: str) -> fx.Node:
+    """``getattr(module, name)`` at run time, so parametrized weights are computed as the
+    module's own forward computes them."""
+    owner, name = path.rsplit(".", 1)
+    return graph.call_function(getattr, (graph.get_attr(owner), name))
 
 
 def emit(gm: fx.GraphModule, site: Site, form: Form, name: str) -> fx.Node:
@@ -51,9 +85,10 @@ def emit(gm: fx.GraphModule, site: Site, form: Form, name: str) -> fx.Node:
     gm.add_submodule(name, SiteCall(form, site.spec))
     graph = gm.graph
     with graph.inserting_before(site.node):
-        w, b = (graph.get_attr(v) if isinstance(v, str) else v for v in (site.weight, site.bias))
-        new = graph.call_module(name, (site.x, w, b))
+        params = tuple(_read_attribute(graph, v) if isinstance(v, str) else v for v in site.params)
+        new = graph.call_module(name, (site.x, *params))
     new.meta.update(site.node.meta)
     site.node.replace_all_uses_with(new)
-    graph.erase_node(site.node)
+    for node in (site.node, *reversed(site.nodes)):
+        graph.erase_node(node)
     return new

@@ -42,10 +42,13 @@ class ChannelMixSpec:
     positions are read (a 1x1 kernel reads the zero-padded input subsampled by the stride).
     ``in_layout``/``out_layout`` are the memory layouts of the input the site receives and
     of the output the original op produces: every form must return that output layout, so
-    the copies a form needs are part of its measured cost.
+    the copies a form needs are part of its measured cost. ``grad``: autograd records the
+    op (timed as forward + backward). ``executor``: what runs the emitted form, ``"eager"``
+    or ``"inductor"`` (timed compiled), since a form that wins in eager can lose after fusion.
     """
 
     kind: ClassVar[str] = "channel_mix"
+    predictable: ClassVar[bool] = True  # unseen shapes are predicted from table neighbours
 
     batch: int
     in_channels: int
@@ -60,6 +63,7 @@ class ChannelMixSpec:
     in_layout: str = CHANNELS_FIRST
     out_layout: str = CHANNELS_FIRST
     grad: bool = False
+    executor: str = "eager"
 
     def __post_init__(self):
         nd = len(self.spatial)
@@ -91,13 +95,14 @@ class ChannelMixSpec:
             f"{self.kind}|n{self.batch}|i{self.in_channels}|o{self.out_channels}|s{dims(self.spatial)}"
             f"|g{self.groups}|st{dims(self.stride)}|p{dims(self.padding)}|b{int(self.bias)}"
             f"|{self.dtype}|{self.device}|{self.in_layout}>{self.out_layout}|{'train' if self.grad else 'infer'}"
+            f"|{self.executor}"
         )
 
     @classmethod
     def from_key(cls, key: str) -> "ChannelMixSpec":
         """Inverse of :meth:`key`."""
         parts = key.split("|")
-        if parts[0] != cls.kind or len(parts) != 13:
+        if parts[0] != cls.kind or len(parts) != 14:
             raise ValueError(f"not a {cls.kind} key: {key!r}")
         dims = lambda s: tuple(int(v) for v in s.split("x"))  # noqa: E731
         in_layout, out_layout = parts[11].split(">")
@@ -105,8 +110,21 @@ class ChannelMixSpec:
             batch=int(parts[1][1:]), in_channels=int(parts[2][1:]), out_channels=int(parts[3][1:]),
             spatial=dims(parts[4][1:]), groups=int(parts[5][1:]), stride=dims(parts[6][2:]),
             padding=dims(parts[7][1:]), bias=parts[8] == "b1", dtype=parts[9], device=parts[10],
-            in_layout=in_layout, out_layout=out_layout, grad=parts[12] == "train",
+            in_layout=in_layout, out_layout=out_layout, grad=parts[12] == "train", executor=parts[13],
         )
+
+    def describe(self) -> str:
+        """A short human-readable form, for reports."""
+        extra = "".join([f" g{self.groups}" if self.groups > 1 else "",
+                         f" s{'x'.join(map(str, self.stride))}" if any(s > 1 for s in self.stride) else "",
+                         f" p{'x'.join(map(str, self.padding))}" if any(self.padding) else "",
+                         f" {self.in_layout}" if self.in_layout != CHANNELS_FIRST else ""])
+        dims = "x".join(map(str, self.spatial))
+        return f"[{self.batch},{self.in_channels},{dims}]->{self.out_channels}{extra} {self.dtype}"
+
+    def partition(self) -> tuple[str, str]:
+        """Specs of different partitions never inform each other's predictions."""
+        return self.device, self.executor
 
     def features(self) -> tuple[tuple, tuple[float, ...]]:
         """(categorical, numeric) features for predicting timings of unseen shapes.
@@ -142,3 +160,67 @@ class ChannelMixSpec:
             if b is not None:
                 b.requires_grad_(True)
         return x, w, b
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainSpec:
+    """A channel-wise chain between a permutation and its inverse, e.g. ConvNeXt's
+    ``permute(0,2,3,1) -> LayerNorm -> Linear -> GELU -> Linear -> gamma * x -> permute(0,3,1,2)``.
+
+    ``shape`` is the region input ``x``; its channels sit at dim 1 (``channel_axis="first"``,
+    the chain works channels-last) or at the last dim (``"last"``, the chain works
+    channels-first). ``ops`` is the chain as tuples, in order (see ``forms.layout_chain``).
+    Chains are model-specific, so their figures are measured, never predicted.
+    """
+
+    kind: ClassVar[str] = "layout_chain"
+    predictable: ClassVar[bool] = False
+
+    shape: tuple[int, ...]
+    channel_axis: str
+    ops: tuple[tuple, ...]
+    dtype: str = "float32"
+    device: str = "cpu"
+    in_layout: str = CHANNELS_FIRST
+    grad: bool = False
+    executor: str = "eager"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def key(self) -> str:
+        ops = ";".join(",".join(map(str, op)) for op in self.ops)
+        return (f"{self.kind}|{'x'.join(map(str, self.shape))}|{self.channel_axis}|{ops}|{self.dtype}|{self.device}"
+                f"|{self.in_layout}|{'train' if self.grad else 'infer'}|{self.executor}")
+
+    def describe(self) -> str:
+        """A short human-readable form, for reports."""
+        names = [op[1] if op[0] == "act" else op[0] for op in self.ops]
+        return f"{list(self.shape)} {' > '.join(map(str, names))} {self.dtype}"
+
+    def param_shapes(self) -> list[tuple[int, ...] | None]:
+        """Shapes of the params the ops read, in order (None where an op has no such param)."""
+        shapes = []
+        for op in self.ops:
+            if op[0] == "mix":
+                shapes += [(op[2], op[1]), (op[2],) if op[3] else None]
+            elif op[0] == "ln":
+                shapes += [(op[1],) if op[3] else None, (op[1],) if op[4] else None]
+            elif op[0] in ("scale", "shift"):
+                shapes.append((op[1],))
+        return shapes
+
+    def example_inputs(self, generator: torch.Generator | None = None):
+        """Random (x, *params) for this chain, with the spec's dtype, device and input layout."""
+        kw = dict(dtype=self.torch_dtype, device=self.device)
+        x = torch.randn(*self.shape, generator=generator, **kw)
+        if self.in_layout == CHANNELS_LAST:
+            x = to_layout(x, CHANNELS_LAST)
+        params = [None if s is None else torch.randn(*s, generator=generator, **kw) / math.sqrt(s[-1])
+                  for s in self.param_shapes()]
+        if self.grad:
+            for t in (x, *params):
+                if t is not None:
+                    t.requires_grad_(True)
+        return (x, *params)

@@ -23,18 +23,15 @@ from pathlib import Path
 
 import torch
 
-VERSION = 1
+VERSION = 2  # 2: spec keys carry the executor
 TABLES_DIR = Path(__file__).parent / "tables"
 NEIGHBOURS = 4
+VOTERS = 8
 CATEGORY_PENALTY = 3.0  # distance, in log2 units of size, of one categorical mismatch
 
 
 class TableError(ValueError):
     """A cost-table file that cannot be used (truncated, corrupt, wrong version or device)."""
-
-
-def device_type(device) -> str:
-    return torch.device(device).type
 
 
 def fingerprint(device="cpu") -> dict:
@@ -95,6 +92,7 @@ class CostTable:
     form_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
     profiled: bool = False
     origin: str = "empty"
+    _nearest: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # -- file I/O ---------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -160,6 +158,7 @@ class CostTable:
         """Record measured seconds for ``key`` (and the source hashes of the forms timed)."""
         self.form_hashes.update(form_hashes)
         self.entries.setdefault(key, {}).update(times)
+        self._nearest.clear()
 
     def _drop_stale_forms(self) -> None:
         """Forget timings of forms whose source changed since they were measured."""
@@ -179,23 +178,14 @@ class CostTable:
     def predict(self, spec, names: list[str], original: str) -> dict[str, float]:
         """Predicted seconds for each form in ``names`` on an unseen spec.
 
-        The rule: take the table entries of the same spec kind, at distance
+        The rule: take the table entries of the same spec kind, device and executor, at distance
         ``|log2 sizes - log2 sizes'| + CATEGORY_PENALTY * (categorical mismatches)``
         (sizes: batch, channels per group, groups, output positions). For each form, average
         ``log(t_form / t_original)`` over the ``NEIGHBOURS`` nearest entries that timed both,
         weighted by ``1 / (distance + 0.5)^2``; the original's own time is predicted the same
         way from ``log(t_original / work)``. A form no neighbour timed gets no prediction.
         """
-        cat, num = spec.features()
-        scored = []
-        for key, times in self.entries.items():
-            other = _spec_from_key(key, type(spec))
-            if other is None or original not in times:
-                continue
-            ocat, onum = other.features()
-            dist = math.dist(num, onum) + CATEGORY_PENALTY * sum(a != b for a, b in zip(cat, ocat))
-            scored.append((dist, other, times))
-        scored.sort(key=lambda s: s[0])
+        scored = self._neighbours(spec, original)
         if not scored:
             return {}
         log_orig = _weighted([(d, math.log(t[original] / _work(o))) for d, o, t in scored[:NEIGHBOURS]])
@@ -206,6 +196,34 @@ class CostTable:
             if name != original and near:
                 out[name] = t_orig * math.exp(_weighted(near))
         return out
+
+    def agreement(self, spec, name: str, original: str) -> float:
+        """How sure a prediction of ``name`` is: the weighted share of the ``VOTERS`` nearest
+        entries in which ``name`` was within 10% of their fastest form (0 with no neighbours)."""
+        near = self._neighbours(spec, original)[:VOTERS]
+        if not near:
+            return 0.0
+        weights = [1.0 / (d + 0.5) ** 2 for d, _, _ in near]
+        hits = [name in t and t[name] <= 1.1 * min(t.values()) for _, _, t in near]
+        return sum(w for w, hit in zip(weights, hits) if hit) / sum(weights)
+
+    def _neighbours(self, spec, original: str) -> list[tuple[float, object, dict]]:
+        """Entries that timed ``original``, nearest first, as (distance, spec, times)."""
+        cached = self._nearest.get((spec.key(), original))
+        if cached is not None:
+            return cached
+        cat, num = spec.features()
+        scored = []
+        for key, times in self.entries.items():
+            parsed = _parsed(key, type(spec))
+            if parsed is None or original not in times or parsed[0].partition() != spec.partition():
+                continue
+            other, ocat, onum = parsed
+            dist = math.dist(num, onum) + CATEGORY_PENALTY * sum(a != b for a, b in zip(cat, ocat))
+            scored.append((dist, other, times))
+        scored.sort(key=lambda s: s[0])
+        self._nearest[(spec.key(), original)] = scored
+        return scored
 
 
 def _weighted(pairs: list[tuple[float, float]]) -> float:
@@ -219,16 +237,19 @@ def _work(spec) -> float:
     return positions * (spec.in_channels * spec.out_channels / spec.groups + spec.in_channels + spec.out_channels)
 
 
-_KEY_CACHE: dict[str, object] = {}
+_PARSED: dict[str, tuple | None] = {}
 
 
-def _spec_from_key(key: str, spec_type):
-    if key not in _KEY_CACHE:
+def _parsed(key: str, spec_type) -> tuple | None:
+    """(spec, categorical, numeric features) of a table key, parsed once per process; None
+    for keys of another spec kind."""
+    if key not in _PARSED:
         try:
-            _KEY_CACHE[key] = spec_type.from_key(key)
+            spec = spec_type.from_key(key)
+            _PARSED[key] = (spec, *spec.features())
         except ValueError:
-            _KEY_CACHE[key] = None
-    return _KEY_CACHE[key]
+            _PARSED[key] = None
+    return _PARSED[key]
 
 
 @contextlib.contextmanager
@@ -269,10 +290,19 @@ def load_table(device="cpu", path: str | os.PathLike | None = None) -> CostTable
                           f"not {fp['device']!r}; ignoring it", stacklevel=2)
             continue
         table._drop_stale_forms()
+        _warn_unparsable(table)
         layers.append(table)
         if table.profiled:
             break
     return _stack(layers, fp)
+
+
+def _warn_unparsable(table: CostTable) -> None:
+    from .spec import ChannelMixSpec
+    bad = [k for k in table.entries if k.startswith(ChannelMixSpec.kind + "|") and _parsed(k, ChannelMixSpec) is None]
+    if bad:
+        warnings.warn(f"convrewrite: {len(bad)} entries of cost table {table.origin} have keys this version cannot "
+                      f"read (e.g. {bad[0]!r}); they are ignored", stacklevel=3)
 
 
 def _stack(layers: list[CostTable], fp: dict) -> CostTable:

@@ -45,7 +45,7 @@ def _sites(model, x):
     from convrewrite.capture import annotate, capture
     from convrewrite.rules import find_sites
     gm = capture(model)
-    annotate(gm, (x,), {})
+    annotate(gm, (x,))
     return find_sites(gm)
 
 
@@ -261,3 +261,188 @@ def test_inference_mode_and_keyword_inputs(model_and_table):
         for _ in range(2):
             torch.testing.assert_close(opt(x, scale=2.0), model(x) * 2.0)
             torch.testing.assert_close(opt(x=x), model(x))
+
+
+# -- models written the way users write them -------------------------------------------------
+class StochasticDepth(nn.Module):
+    """Reads self.training in Python, like timm's DropPath."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.training:
+            return y * 0.0
+        return y
+
+
+def test_python_reads_of_training_follow_train_and_eval(fake_table):
+    model, x = StochasticDepth(), torch.randn(2, 4, 6)
+    opt = convrewrite.optimize(model)
+    with torch.no_grad():
+        for mode in (True, False, True, False):
+            opt.train(mode)
+            torch.testing.assert_close(opt(x), model(x))
+            torch.testing.assert_close(opt(x), model(x))
+        model.train()  # switching the original itself counts too
+        torch.testing.assert_close(opt(x), torch.zeros(2, 4, 6))
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x, mask=None, residual: bool = False, scale: float = 1.0):
+        y = self.conv(x) * scale
+        if mask is not None:
+            y = y * mask
+        if residual:
+            y = y + x
+        return y
+
+
+def test_none_bool_and_float_arguments():
+    model, x = Masked(), torch.randn(2, 4, 6)
+    opt = convrewrite.optimize(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kwargs in ({}, {"mask": torch.ones(1, 1, 6)}, {"residual": True}, {"mask": None, "residual": True}, {}):
+            torch.testing.assert_close(opt(x, **kwargs), model(x, **kwargs))
+            torch.testing.assert_close(opt(x, **kwargs), model(x, **kwargs))
+        n = len(opt._state.specs)
+        for t in (0.1, 0.2, 0.3):  # a float (a diffusion timestep, say) must not re-specialise
+            torch.testing.assert_close(opt(x, scale=t), model(x, scale=t))
+        assert len(opt._state.specs) == n
+
+
+def test_reassigned_parameters_and_submodules_are_used(fake_table):
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4, 1))
+            self.block = nn.Sequential(nn.Conv1d(4, 4, 1))
+
+        def forward(self, x):
+            return self.block(F.conv1d(x, self.w))
+
+    model, x = Nested(), torch.randn(2, 4, 6)
+    opt = convrewrite.optimize(model)
+    with torch.no_grad():
+        opt(x)
+        opt(x)
+        model.w = nn.Parameter(torch.randn(4, 4, 1))
+        torch.testing.assert_close(opt(x), model(x))
+        model.block[0] = nn.Conv1d(4, 4, 1)
+        torch.testing.assert_close(opt(x), model(x))
+        opt.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
+        torch.testing.assert_close(opt(x), model(x))
+
+
+def test_hooks_run(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    with torch.no_grad():
+        opt(x)
+        opt(x)
+        handle = model.a.register_forward_hook(lambda m, i, o: o * 0)  # on a rewritten conv, after specialising
+        torch.testing.assert_close(opt(x), model(x))
+        handle.remove()
+        calls = []
+        model.register_forward_pre_hook(lambda m, i: calls.append(1))  # on the root
+        torch.testing.assert_close(opt(x), model(x))
+        assert len(calls) == 2
+
+
+def test_parametrized_weights_give_no_warning_and_train():
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 1))
+    model, x = nn.Sequential(conv), torch.randn(2, 4, 6)
+    opt = convrewrite.optimize(model, forms=("matmul",), measure=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_outputs_and_grads(model, opt, x, calls=3)
+
+
+def test_original_attributes_methods_and_indexing_stay_reachable():
+    class WithApi(nn.Sequential):
+        num_classes = 10
+
+        def encode(self, x):
+            return self[0](x)
+
+    model = WithApi(nn.Conv1d(2, 2, 1))
+    opt = convrewrite.optimize(model)
+    x = torch.randn(1, 2, 3)
+    assert opt.num_classes == 10 and opt[0] is model[0] and len(opt) == 1 and list(opt) == [model[0]]
+    torch.testing.assert_close(opt.encode(x), model.encode(x))
+    with pytest.raises(AttributeError):
+        opt.no_such_attribute
+
+
+def test_variadic_forward_runs_the_original():
+    class Variadic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 2, 1)
+
+        def forward(self, *xs):
+            return sum(self.conv(x) for x in xs)
+
+    model, x = Variadic(), torch.randn(1, 2, 3)
+    opt = convrewrite.optimize(model)
+    torch.testing.assert_close(opt(x, x), model(x, x))
+    assert "*args" in opt.specialize(x, x).note
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(forms=("matmull",)), "unknown form name"), (dict(forms="baddbmm"), "sequence of form names"),
+    (dict(table="/no/such/table.json"), "no cost-table file"), (dict(margin=True), "margin must be"),
+])
+def test_bad_options_are_refused(bad, error):
+    with pytest.raises((TypeError, ValueError, FileNotFoundError), match=error):
+        convrewrite.optimize(nn.Conv1d(1, 1, 1), **bad)
+
+
+def test_measuring_with_restricted_forms_still_times_every_form(isolated_cache):
+    from convrewrite.table import CostTable, user_table_path
+    model, x = nn.Conv1d(4, 8, 1), torch.randn(2, 4, 16)
+    with torch.no_grad():
+        convrewrite.optimize(model, x, forms=("linear",), measure=True)
+    (times,) = CostTable.read(user_table_path("cpu")).entries.values()
+    assert {"conv", "matmul", "baddbmm", "linear", "addmm"} <= set(times)
+
+
+# -- layout chains end to end (chains are measured at specialisation, never predicted) ---------
+from .rules.test_layout_chain import ConvFFN, ConvNeXtBlock, Seed000, UsedTwice  # noqa: E402
+
+
+@pytest.mark.parametrize("model, x", [(Seed000(), torch.randn(8, 8, 33)), (ConvFFN(), torch.randn(4, 9, 8)),
+                                      (ConvNeXtBlock(), torch.randn(2, 8, 6, 6)), (UsedTwice(), torch.randn(2, 4, 5))])
+def test_chains_keep_outputs_and_gradients(model, x):
+    opt = convrewrite.optimize(model)
+    assert_same_outputs_and_grads(model, opt, x)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+    chains = [s for s in opt.report if s.pattern == "layout chain"]
+    assert len(chains) == (0 if isinstance(model, UsedTwice) else 1)
+    assert all(s.source == "measured" and s.t_original for s in chains)
+
+
+def test_forced_chain_rewrite_removes_the_permutes(fake_table, tmp_path):
+    from convrewrite.table import CostTable, fingerprint
+    model, x = ConvNeXtBlock(), torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        (site,) = [s for s in convrewrite.explain(model, x) if s.pattern == "layout chain"]
+    table = CostTable(fingerprint("cpu"), profiled=True)
+    table.add(site.key, {"as_written": 2.0, "channels_first_matmul": 1.0, "channels_first_conv": 3.0}, {})
+    table.write(tmp_path / "t.json")
+    opt = convrewrite.optimize(model, table=tmp_path / "t.json")
+    with torch.no_grad():
+        opt(x)
+        gm = opt.graph_module(x)
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not [n for n in gm.graph.nodes if n.target == "permute"]
+    (chain,) = [s for s in opt.report if s.pattern == "layout chain"]
+    assert chain.chosen == "channels_first_matmul" and "removes 2 permutes" in chain.note

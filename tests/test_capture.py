@@ -19,7 +19,7 @@ def test_annotate_records_every_tensor_and_returns_the_output():
     model = Model()
     gm = capture(model)
     x = torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)
-    out = annotate(gm, (x,), {"scale": 3.0})
+    out = annotate(gm, (x, 3.0))
     torch.testing.assert_close(out, model(x, 3.0))
     conv = next(n for n in gm.graph.nodes if n.op == "call_module")
     meta = info(conv)
@@ -43,6 +43,6 @@ def test_untraceable_module_raises_capture_error():
 
 def test_non_tensor_nodes_are_not_annotated():
     gm = capture(Model())
-    annotate(gm, (torch.randn(1, 3, 2, 2),), {})
+    annotate(gm, (torch.randn(1, 3, 2, 2), 2.0))
     scale = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "scale")
     assert META not in scale.meta and info(None) is None

@@ -16,14 +16,22 @@ def table(times, spec=SPEC):
     return t
 
 
+ALL = {"conv": 3.0, "matmul": 1.0, "linear": 2.0, "baddbmm": 2.5, "addmm": 2.5}
+
+
 def test_exact_entry_picks_the_fastest():
-    c = choose(SPEC, "conv", table({"conv": 3.0, "matmul": 1.0, "linear": 2.0}), Options())
+    c = choose(SPEC, "conv", table(ALL), Options())
     assert (c.form, c.source, c.t_original, c.t_chosen) == ("matmul", TABLE, 3.0, 1.0)
+
+
+def test_entry_missing_a_legal_form_is_not_an_exact_hit():
+    c = choose(SPEC, "conv", table({"conv": 3.0, "matmul": 1.0}), Options(measure=False))
+    assert c.source == PREDICTED
 
 
 @pytest.mark.parametrize("margin, expected", [(1.1, "conv"), (1.01, "matmul")])
 def test_margin_keeps_the_original_unless_clearly_faster(margin, expected):
-    c = choose(SPEC, "conv", table({"conv": 1.05, "matmul": 1.0}), Options(margin=margin))
+    c = choose(SPEC, "conv", table({**ALL, "conv": 1.05, "matmul": 1.0}), Options(margin=margin))
     assert c.form == expected
 
 
@@ -39,7 +47,7 @@ def test_no_figures_keeps_the_original():
 
 
 def test_forms_option_restricts_the_choice():
-    c = choose(SPEC, "conv", table({"conv": 3.0, "matmul": 1.0, "linear": 2.0}), Options(forms=("linear",)))
+    c = choose(SPEC, "conv", table(ALL), Options(forms=("linear",)))
     assert c.form == "linear"
 
 

@@ -1,5 +1,7 @@
 """The profile CLI, on a tiny grid (its figures are not checked, only that it builds a table)."""
 
+import math
+import random
 import subprocess
 import sys
 
@@ -24,15 +26,35 @@ def test_default_output_is_the_user_table(isolated_cache):
     assert len(CostTable.read(user_table_path("cpu")).entries) == 1
 
 
-def test_random_specs_are_seeded_and_bounded():
-    import random
-    a = [profile.random_spec(random.Random(5)).key() for _ in range(3)]
-    b = [profile.random_spec(random.Random(5)).key() for _ in range(3)]
-    assert a == b
-    for _ in range(50):
-        spec = profile.random_spec(random.Random(_))
-        assert isinstance(spec, ChannelMixSpec)
-        assert spec.batch * spec.in_channels * spec.out_channels / spec.groups <= profile.MAX_MACS
+@pytest.mark.parametrize("realistic", [False, True])
+def test_random_specs_are_seeded_and_bounded(realistic):
+    def draw(seed):
+        rng = random.Random(seed)
+        return [profile.random_spec(rng, realistic=realistic) for _ in range(20)]
+
+    first = draw(5)
+    assert [s.key() for s in first] == [s.key() for s in draw(5)]
+    assert len({s.key() for s in first}) == 20
+    for spec in first:
+        macs = spec.batch * math.prod(spec.out_spatial) * spec.in_channels * spec.out_channels / spec.groups
+        assert isinstance(spec, ChannelMixSpec) and macs <= profile.MAX_MACS
+        if realistic:
+            assert spec.in_channels % 8 == 0 or spec.in_channels < 8
+            assert spec.batch & (spec.batch - 1) == 0
+
+
+@pytest.mark.parametrize("argv, message", [(["--mode", "both"], "--mode"), (["--dtype", "fp16"], "not a torch float dtype"),
+                                           (["--dtype", "int32"], "not a torch float dtype")])
+def test_bad_arguments_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        profile.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_dtype_aliases_are_normalised(tmp_path):
+    out = tmp_path / "t.json"
+    assert profile.main(["--quick", "--specs", "1", "--mode", "infer", "--dtype", "float", "--out", str(out)]) == 0
+    assert all("|float32|" in key for key in CostTable.read(out).entries)
 
 
 def test_help_explains_the_command():

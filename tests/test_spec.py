@@ -6,7 +6,8 @@ from convrewrite.spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, ChannelMixS
 
 def test_key_round_trips_every_field():
     spec = ChannelMixSpec(3, 8, 16, (5, 7), groups=2, stride=(2, 1), padding=(1, 0), bias=False,
-                          dtype="bfloat16", in_layout=CHANNELS_LAST, out_layout=CHANNELS_LAST, grad=True)
+                          dtype="bfloat16", in_layout=CHANNELS_LAST, out_layout=CHANNELS_LAST, grad=True,
+                          executor="inductor")
     assert ChannelMixSpec.from_key(spec.key()) == spec
 
 
@@ -14,7 +15,8 @@ def test_keys_differ_when_any_field_differs():
     base = ChannelMixSpec(2, 4, 4, (8,))
     variants = [ChannelMixSpec(2, 4, 4, (8,), bias=False), ChannelMixSpec(2, 4, 4, (8,), grad=True),
                 ChannelMixSpec(2, 4, 4, (8,), in_layout=CHANNELS_LAST), ChannelMixSpec(2, 4, 4, (8,), stride=(2,)),
-                ChannelMixSpec(2, 4, 4, (8,), dtype="float64"), ChannelMixSpec(2, 4, 4, (8,), groups=2)]
+                ChannelMixSpec(2, 4, 4, (8,), dtype="float64"), ChannelMixSpec(2, 4, 4, (8,), groups=2),
+                ChannelMixSpec(2, 4, 4, (8,), executor="inductor")]
     assert len({base.key(), *(v.key() for v in variants)}) == len(variants) + 1
 
 

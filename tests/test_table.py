@@ -36,6 +36,7 @@ def test_user_table_path_honours_cache_dir(isolated_cache):
 def test_shipped_cpu_table_is_valid_and_current():
     shipped = CostTable.read(shipped_table_path("cpu"))
     assert len(shipped.entries) >= 100 and shipped.profiled
+    assert all(ChannelMixSpec.from_key(key).key() == key for key in shipped.entries)
     current = {f.name: f.source_hash for f in forms_for(SPEC)}
     stale = {n for n, h in shipped.form_hashes.items() if n in current and current[n] != h}
     assert not stale, f"forms edited since the shipped table was profiled: {stale}; rerun the profile"

@@ -1,6 +1,7 @@
 """The form registry: plain torch functions that compute a spec, each with a legality check.
 
-A form is ``fn(x, w, b, *, spec) -> y``. The profiler times it and the rewrite emits the very
+A form is ``fn(x, *params, spec) -> y`` (for a channel mix, ``fn(x, w, b, *, spec)``). The
+profiler times it and the rewrite emits the very
 same function, so what is measured is what runs. Register your own with :func:`register_form`;
 profiling, choosing, testing and benchmarking pick it up by name.
 """
@@ -28,8 +29,8 @@ class Form:
     fn: Callable
     supports: Callable = _always
 
-    def __call__(self, x, w, b, *, spec):
-        return self.fn(x, w, b, spec=spec)
+    def __call__(self, x, *params, spec):
+        return self.fn(x, *params, spec=spec)
 
     @property
     def source_hash(self) -> str:
@@ -42,7 +43,7 @@ class Form:
 
 
 def register_form(kind: str, name: str | None = None, supports: Callable = _always) -> Callable:
-    """Decorator: register ``fn(x, w, b, *, spec)`` as a form of spec ``kind``.
+    """Decorator: register ``fn(x, *params, spec)`` as a form of spec ``kind``.
 
     ``supports(spec) -> bool`` says whether the form computes that spec exactly; a form is
     only timed and only chosen where it does. Re-registering a name replaces the old form.
@@ -62,7 +63,7 @@ def unregister_form(kind: str, name: str) -> None:
 
 
 def _load_builtins() -> None:
-    from . import channel_mix  # noqa: F401  (registers on import)
+    from . import channel_mix, layout_chain  # noqa: F401  (register on import)
 
 
 def get_form(kind: str, name: str) -> Form:
@@ -72,6 +73,12 @@ def get_form(kind: str, name: str) -> Form:
         return _REGISTRY[kind][name]
     except KeyError:
         raise KeyError(f"no form {name!r} for {kind!r}; registered: {sorted(_REGISTRY.get(kind, {}))}") from None
+
+
+def registered_names() -> set[str]:
+    """Names of every registered form, of any spec kind."""
+    _load_builtins()
+    return {name for forms in _REGISTRY.values() for name in forms}
 
 
 def forms_for(spec) -> list[Form]:

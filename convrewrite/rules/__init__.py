@@ -13,25 +13,32 @@ import torch.fx as fx
 
 @dataclasses.dataclass
 class Site:
-    """One place to rewrite: ``node`` computes ``spec`` from (x, weight, bias).
+    """One place to rewrite: ``node`` computes ``spec`` from ``x`` and ``params``.
 
-    ``weight``/``bias`` are graph nodes, attribute paths on the graph module (for module
-    sites), or None. ``original`` names the form that reproduces the source op.
+    ``params`` (weights, biases) are graph nodes, attribute paths on the graph module (for
+    module parameters), or None. ``original`` names the form that reproduces the source.
+    ``nodes`` are the nodes the site replaces besides ``node`` (erased with it).
     """
 
     node: fx.Node
     x: fx.Node
-    weight: fx.Node | str
-    bias: fx.Node | str | None
+    params: tuple
     spec: object
     original: str
     pattern: str
     path: str
+    nodes: tuple = ()
+    note: str = ""
+
+
+def rules() -> tuple:
+    """The rules, in the order they run: a chain claims its 1x1 convs before the
+    pointwise-conv rule sees them (if the chain is kept as written, that rule still may)."""
+    from . import layout_chain, pointwise_conv
+
+    return (layout_chain.find, pointwise_conv.find)
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every site of every rule in ``gm``."""
-    from . import pointwise_conv
-
-    rules = (pointwise_conv.find,)
-    return [site for rule in rules for site in rule(gm)]
+    """Every site of every rule in ``gm`` as it is now."""
+    return [site for rule in rules() for site in rule(gm)]

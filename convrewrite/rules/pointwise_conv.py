@@ -10,6 +10,7 @@ non-float dtypes.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.fx as fx
@@ -44,14 +45,14 @@ def find(gm: fx.GraphModule):
 def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     mod = gm.get_submodule(node.target)
     ndim = _MODULES.get(_conv_base(mod))
-    if ndim is None or mod.padding_mode != "zeros" or _has_hooks(mod) or len(node.args) != 1 or node.kwargs:
+    if ndim is None or mod.padding_mode != "zeros" or has_hooks(mod) or len(node.args) != 1 or node.kwargs:
         return None
     padding = (0,) * ndim if isinstance(mod.padding, str) else tuple(mod.padding)
     spec = _spec(node, node.args[0], tuple(mod.weight.shape), mod.bias is not None, mod.stride, padding, mod.groups)
     if spec is None:
         return None
     bias = f"{node.target}.bias" if mod.bias is not None else None
-    return Site(node, node.args[0], f"{node.target}.weight", bias, spec, ORIGINAL, PATTERN, node.target)
+    return Site(node, node.args[0], (f"{node.target}.weight", bias), spec, ORIGINAL, PATTERN, node.target)
 
 
 def _function_site(node: fx.Node) -> Site | None:
@@ -68,7 +69,7 @@ def _function_site(node: fx.Node) -> Site | None:
     spec = _spec(node, a["input"], weight.shape, a["bias"] is not None, _ntuple(a["stride"], ndim), padding, a["groups"])
     if spec is None:
         return None
-    return Site(node, a["input"], a["weight"], a["bias"], spec, ORIGINAL, PATTERN, _path_of(node))
+    return Site(node, a["input"], (a["weight"], a["bias"]), spec, ORIGINAL, PATTERN, _path_of(node))
 
 
 def _spec(node, x_node, weight_shape, bias, stride, padding, groups) -> ChannelMixSpec | None:
@@ -90,12 +91,18 @@ def _spec(node, x_node, weight_shape, bias, stride, padding, groups) -> ChannelM
 def _conv_base(mod: nn.Module):
     """The nn.ConvNd class whose forward ``mod`` runs unchanged, else None."""
     for base in _MODULES:
-        if isinstance(mod, base) and type(mod).forward is base.forward and type(mod)._conv_forward is base._conv_forward:
+        if isinstance(mod, base) and runs_own_forward(mod) and type(mod)._conv_forward is base._conv_forward:
             return base
     return None
 
 
-def _has_hooks(mod: nn.Module) -> bool:
+def runs_own_forward(mod: nn.Module) -> bool:
+    """Does ``mod`` run the forward of the torch.nn class it derives from (no override)?"""
+    base = next((c for c in type(mod).__mro__ if c.__module__.startswith("torch.nn.modules")), None)
+    return base is not None and type(mod).forward is base.forward
+
+
+def has_hooks(mod: nn.Module) -> bool:
     from torch.nn.modules import module as m
     return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
                 or m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
@@ -106,6 +113,15 @@ def _ntuple(v, n: int) -> tuple[int, ...]:
 
 
 def _path_of(node: fx.Node) -> str:
+    """The module path of a functional conv: its conv module's (dynamo), or owner:node."""
     stack = node.meta.get("nn_module_stack") or {}
-    owner = next(reversed(stack.values()))[0] if stack else ""
-    return f"{owner}:{node.name}" if owner else node.name
+    if not stack:
+        return node.name
+    path, owner_type = next(reversed(stack.values()))
+    path = _DYNAMO_ROOT.sub("", path).replace("._modules['", ".").replace("']", "")
+    if isinstance(owner_type, type) and issubclass(owner_type, tuple(_MODULES)):
+        return path
+    return f"{path}:{node.name}" if path else node.name
+
+
+_DYNAMO_ROOT = re.compile(r"^L\['[^']*'\]\.?")

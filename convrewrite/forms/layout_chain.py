@@ -1,0 +1,137 @@
+"""Forms of a layout chain: the chain as written, or run in the input's own layout.
+
+The chain's ops are tuples (see ``ChainSpec``):
+
+- ``("mix", cin, cout, has_bias)``: ``y = W x + b`` over the channel axis (Linear or 1x1 conv)
+- ``("ln", C, eps, has_weight, has_bias)``: LayerNorm over the channel axis
+- ``("act", name[, arg])``: an elementwise activation
+- ``("scale", C)`` / ``("shift", C)``: times / plus a per-channel parameter
+- ``("mul"|"add"|"sub"|"div", number)``: with a Python number
+- ``("contiguous",)``: a copy the source made (kept as written, dropped when the permutes go)
+
+``as_written`` permutes, runs the ops along the permuted channel axis and permutes back, as
+the source does. The other forms drop both permutes and run the ops along the input's own
+channel axis: a LayerNorm over dim 1 is computed from its definition (mean and biased
+variance over the channels, same eps), so it is the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import ChainSpec
+from . import register_form
+
+KIND = ChainSpec.kind
+ORIGINAL = "as_written"
+
+_ACTIVATIONS = {
+    "relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "hardswish": F.hardswish, "identity": lambda y: y,
+}
+
+
+def _activation(y, op):
+    if op[1] == "gelu":
+        return F.gelu(y, approximate=op[2])
+    return _ACTIVATIONS[op[1]](y)
+
+
+def _mix_linear(y, w, b):
+    return F.linear(y, w.reshape(w.shape[0], -1), b)
+
+
+def _mix_conv(y, w, b):
+    spatial = y.dim() - 2
+    return (F.conv1d, F.conv2d, F.conv3d)[spatial - 1](y, w.reshape(w.shape[0], -1, *(1,) * spatial), b)
+
+
+def _mix_matmul(y, w, b):
+    n, c, *spatial = y.shape
+    out = torch.matmul(w.reshape(w.shape[0], c), y.reshape(n, c, -1))
+    if b is not None:
+        out = out + b[:, None]
+    return out.view(n, -1, *spatial)
+
+
+def _layer_norm_dim1(y, w, b, eps):
+    mean = y.mean(1, keepdim=True)
+    var = y.var(1, unbiased=False, keepdim=True)
+    out = (y - mean) * torch.rsqrt(var + eps)
+    if w is not None:
+        out = out * _along_dim1(w, y)
+    if b is not None:
+        out = out + _along_dim1(b, y)
+    return out
+
+
+def _along_dim1(p, y):
+    return p.reshape(-1, *(1,) * (y.dim() - 2))
+
+
+def _run(ops, y, params, channels_last: bool, mix, keep_copies: bool):
+    """Apply ``ops`` to ``y`` whose channels are its last dim (or dim 1)."""
+    along = (lambda p, y: p.reshape(-1)) if channels_last else _along_dim1
+    it = iter(params)
+    for op in ops:
+        kind = op[0]
+        if kind == "mix":
+            y = mix(y, next(it), next(it))
+        elif kind == "ln":
+            w, b = next(it), next(it)
+            y = F.layer_norm(y, (op[1],), w, b, op[2]) if channels_last else _layer_norm_dim1(y, w, b, op[2])
+        elif kind == "act":
+            y = _activation(y, op)
+        elif kind == "scale":
+            y = y * along(next(it), y)
+        elif kind == "shift":
+            y = y + along(next(it), y)
+        elif kind in ("mul", "add", "sub", "div"):
+            y = {"mul": torch.mul, "add": torch.add, "sub": torch.sub, "div": torch.div}[kind](y, op[1])
+        elif kind == "contiguous" and keep_copies:
+            y = y.contiguous()
+    return y
+
+
+def _to_inner(x, spec):
+    """The source's entry permutation: channels from dim 1 to last, or from last to dim 1."""
+    return x.movedim(1, -1) if spec.channel_axis == "first" else x.movedim(-1, 1)
+
+
+def _from_inner(y, spec):
+    return y.movedim(-1, 1) if spec.channel_axis == "first" else y.movedim(1, -1)
+
+
+def _channels_first_input(spec) -> bool:
+    return spec.channel_axis == "first"
+
+
+def _channels_last_input(spec) -> bool:
+    return spec.channel_axis == "last"
+
+
+@register_form(KIND, ORIGINAL)
+def as_written(x, *params, spec):
+    """Permute, run the chain along the permuted channel axis, permute back (the source)."""
+    inner_last = spec.channel_axis == "first"
+    y = _run(spec.ops, _to_inner(x, spec), params, inner_last, _mix_linear if inner_last else _mix_conv, True)
+    return _from_inner(y, spec)
+
+
+@register_form(KIND, "channels_first_conv", supports=_channels_first_input)
+def channels_first_conv(x, *params, spec):
+    """No permutes: the chain along dim 1, each mix a 1x1 conv."""
+    return _run(spec.ops, x, params, False, _mix_conv, False)
+
+
+@register_form(KIND, "channels_first_matmul", supports=_channels_first_input)
+def channels_first_matmul(x, *params, spec):
+    """No permutes: the chain along dim 1, each mix ``W @ x`` batched over N."""
+    return _run(spec.ops, x, params, False, _mix_matmul, False)
+
+
+@register_form(KIND, "channels_last_linear", supports=_channels_last_input)
+def channels_last_linear(x, *params, spec):
+    """No permutes: the chain along the last dim, each mix an ``F.linear``."""
+    return _run(spec.ops, x, params, True, _mix_linear, False)

@@ -1,0 +1,55 @@
+"""Every layout-chain form against the chain as written, forward and backward."""
+
+import pytest
+import torch
+
+from convrewrite.forms import forms_for
+from convrewrite.forms.layout_chain import as_written
+from convrewrite.spec import CHANNELS_FIRST, CHANNELS_LAST, ChainSpec
+
+CONVNEXT = (("ln", 8, 1e-6, True, True), ("mix", 8, 32, True), ("act", "gelu", "none"), ("mix", 32, 8, True),
+            ("scale", 8))
+CHAINS = [
+    ("first", (2, 8, 5), (("mix", 8, 8, False),)),
+    ("first", (2, 8, 4, 3), CONVNEXT),
+    ("first", (2, 8, 4, 3), (("contiguous",), ("ln", 8, 1e-5, False, False), ("act", "gelu", "tanh"),
+                             ("mul", 0.5), ("sub", 1.0), ("div", 3.0), ("shift", 8))),
+    ("first", (2, 8, 2, 3, 2), (("mix", 8, 4, True), ("act", "silu"), ("add", 2))),
+    ("last", (2, 7, 8), (("mix", 8, 16, True), ("act", "relu"), ("mix", 16, 8, True))),
+    ("last", (3, 5, 8), (("contiguous",), ("mix", 8, 8, False), ("act", "sigmoid"), ("scale", 8), ("act", "tanh"))),
+]
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-9), ("float32", 2e-5)])
+@pytest.mark.parametrize("layout", [CHANNELS_FIRST, CHANNELS_LAST])
+@pytest.mark.parametrize("axis, shape, ops", CHAINS)
+def test_every_form_equals_the_chain_as_written(axis, shape, ops, layout, dtype, tol):
+    if layout == CHANNELS_LAST and axis == "last":
+        pytest.skip("a channels-last input layout only exists for channels at dim 1")
+    spec = ChainSpec(shape, axis, ops, dtype=dtype, in_layout=layout, grad=True)
+    args = spec.example_inputs(torch.Generator().manual_seed(0))
+    inputs = [t for t in args if t is not None]
+    ref = as_written(*args, spec=spec)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    forms = forms_for(spec)
+    assert len(forms) >= 2
+    for form in forms:
+        out = form(*args, spec=spec)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol, msg=form.name)
+        for g, r in zip(torch.autograd.grad(out, inputs, grad_out), ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=tol * 10, atol=tol * 10, msg=form.name)
+
+
+def test_candidates_follow_the_channel_axis():
+    first = {f.name for f in forms_for(ChainSpec((1, 4, 3), "first", (("mix", 4, 4, False),)))}
+    last = {f.name for f in forms_for(ChainSpec((1, 3, 4), "last", (("mix", 4, 4, False),)))}
+    assert first == {"as_written", "channels_first_conv", "channels_first_matmul"}
+    assert last == {"as_written", "channels_last_linear"}
+
+
+def test_key_distinguishes_chains():
+    a = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, False),))
+    b = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, True),))
+    c = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, False),), grad=True)
+    assert len({a.key(), b.key(), c.key()}) == 3

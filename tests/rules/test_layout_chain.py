@@ -1,0 +1,134 @@
+"""The layout-chain rule: what it finds, in the spellings users write, and what it leaves."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from convrewrite.capture import annotate, capture
+from convrewrite.rules import layout_chain
+
+
+def chains_of(model, *inputs):
+    gm = capture(model)
+    annotate(gm, inputs)
+    return list(layout_chain.find(gm))
+
+
+class Seed000(nn.Module):
+    """Seed 000's c2: a Linear between transposes over [N, C, L]."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c2 = nn.Linear(c, c, bias=False)
+
+    def forward(self, x):
+        return self.c2(x.transpose(-2, -1)).transpose(-1, -2)
+
+
+class ConvFFN(nn.Module):
+    """FastSpeech's position-wise FFN: Conv1d(k=1) between transposes over [B, L, D]."""
+
+    def __init__(self, d=8, h=16):
+        super().__init__()
+        self.w1, self.w2 = nn.Conv1d(d, h, 1), nn.Conv1d(h, d, 1)
+
+    def forward(self, x):
+        return self.w2(torch.relu(self.w1(x.transpose(1, 2)))).transpose(1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.pw1, self.act, self.pw2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pw2(self.act(self.pw1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+def test_seed000_linear_between_transposes():
+    (site,) = chains_of(Seed000(), torch.randn(4, 8, 5))
+    assert site.spec.channel_axis == "first" and site.spec.ops == (("mix", 8, 8, False),)
+    assert site.params == ("c2.weight", None) and site.original == "as_written" and "2 permutes" in site.note
+
+
+def test_ffn_of_convs_on_channel_last_data():
+    (site,) = chains_of(ConvFFN(), torch.randn(2, 7, 8))
+    assert site.spec.channel_axis == "last"
+    assert site.spec.ops == (("mix", 8, 16, True), ("act", "relu"), ("mix", 16, 8, True))
+    assert site.path == "w1..w2"
+
+
+def test_convnext_block_chain():
+    (site,) = chains_of(ConvNeXtBlock(), torch.randn(2, 8, 6, 6))
+    assert [op[0] for op in site.spec.ops] == ["ln", "mix", "act", "mix", "scale"]
+    assert site.spec.ops[0] == ("ln", 8, 1e-6, True, True) and len(site.params) == 7
+
+
+@pytest.mark.parametrize("enter, leave", [
+    (lambda x: x.permute(0, 2, 1), lambda y: y.permute(0, 2, 1)),
+    (lambda x: x.mT, lambda y: y.mT),
+    (lambda x: torch.transpose(x, 1, 2), lambda y: y.movedim(2, 1)),
+    (lambda x: x.movedim(1, -1).contiguous(), lambda y: y.transpose(1, 2)),
+])
+def test_spellings_of_the_permutation(enter, leave):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, x):
+            return leave(F.gelu(F.linear(enter(x), self.w)) * 2.0)
+
+    (site,) = chains_of(M(), torch.randn(2, 4, 5))
+    assert [op[0] for op in site.spec.ops if op[0] != "contiguous"] == ["mix", "act", "mul"]
+
+
+class UsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        t = x.transpose(1, 2)
+        return self.lin(t).transpose(1, 2) + t.sum()
+
+
+class NotInverse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x.permute(0, 2, 3, 1)).permute(0, 2, 1, 3)
+
+
+class WithDropout(Seed000):
+    def __init__(self):
+        super().__init__(4)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.drop(self.c2(x.transpose(1, 2))).transpose(1, 2)
+
+
+class LayerNormOverTwoDims(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm((5, 4))
+
+    def forward(self, x):
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("model, x", [
+    (UsedTwice(), torch.randn(2, 4, 5)), (NotInverse(), torch.randn(2, 4, 3, 3)),
+    (WithDropout(), torch.randn(2, 4, 5)), (LayerNormOverTwoDims(), torch.randn(2, 4, 5)),
+])
+def test_leaves_other_chains_alone(model, x):
+    assert chains_of(model, x) == []

@@ -1,0 +1,100 @@
+"""torch.compile(backend="convrewrite"): entry point, options, rewritten graphs, training, dynamic shapes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn as nn
+
+from convrewrite.backend import parse_options
+from convrewrite.capture import annotate, capture
+from convrewrite.rules import find_sites
+
+from .helpers import assert_same_outputs_and_grads
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def stack():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(8, 16, 1), nn.ReLU(), nn.Conv1d(16, 16, 3, padding=1), nn.Conv1d(16, 4, 1, bias=False))
+
+
+def table_forcing(fake_table, model, x, form):
+    gm = capture(model)
+    annotate(gm, (x,))
+    return fake_table([s.spec for s in find_sites(gm)], winner=form)
+
+
+class Recorder:
+    """An inner compiler that keeps the graphs it is given and runs them eagerly."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+def test_backend_name_resolves_through_the_entry_point_without_import():
+    code = ("import sys, torch, torch.nn as nn\n"
+            "m = nn.Conv1d(2, 2, 1); x = torch.randn(1, 2, 3)\n"
+            "y = torch.compile(m, backend='convrewrite', options={'inner': 'eager'})(x)\n"
+            "torch.testing.assert_close(y, m(x))\n"
+            "assert 'convrewrite.backend' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"marjin": 1.2}, "valid options: .*inner.*margin"),
+    ({"inner": "tensorrt"}, "inner must be one of"),
+    ({"margin": 0.1}, "margin must be"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        parse_options(options)
+
+
+def test_graph_is_rewritten_before_the_inner_compiler(fake_table):
+    model, x = stack(), torch.randn(4, 8, 32)
+    recorder = Recorder()
+    table = table_forcing(fake_table, model, x, "matmul")
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(table)})
+    torch.testing.assert_close(compiled(x), model(x))
+    (gm,) = recorder.graphs
+    sites = [m for m in gm.modules() if type(m).__name__ == "SiteCall"]
+    assert [m.form.name for m in sites] == ["matmul", "matmul"]
+    convs = [n for n in gm.graph.nodes if n.target is torch.conv1d]
+    assert len(convs) == 1  # the k=3 conv stays
+
+
+def test_training_through_the_backend_matches_eager(fake_table):
+    model, x = stack(), torch.randn(4, 8, 32)
+    table = table_forcing(fake_table, model, x, "baddbmm")
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": "eager", "table": str(table)})
+    assert_same_outputs_and_grads(model, compiled, x)
+
+
+def test_inductor_inner_compiles_and_matches(fake_table):
+    model, x = stack(), torch.randn(2, 8, 16)
+    compiled = torch.compile(model, backend="convrewrite")
+    assert_same_outputs_and_grads(model, compiled, x)
+
+
+def test_dynamic_shapes_leave_symbolic_sites_alone():
+    model = stack()
+    recorder = Recorder()
+    compiled = torch.compile(model, backend="convrewrite", dynamic=True, options={"inner": recorder, "forms": ("matmul",)})
+    for length in (16, 24, 40):
+        x = torch.randn(3, 8, length)
+        torch.testing.assert_close(compiled(x), model(x))
+    assert len(recorder.graphs) == 1
+    assert not [m for m in recorder.graphs[0].modules() if type(m).__name__ == "SiteCall"]
