@@ -40,8 +40,8 @@ def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
     """Pick the form for ``spec`` from the first figures found:
 
     1. an exact table entry that timed every legal form;
-    2. a measurement of every legal form, if ``options.measure`` is True or the spec kind
-       cannot be predicted (a model's own layout chain);
+    2. a measurement of every legal form, if ``options.measure`` is True, or is "auto" and
+       the spec kind cannot be predicted (a model's own layout chain);
     3. the table's prediction; with ``measure="auto"`` (the default) a prediction whose
        neighbours disagree (agreement below ``AUTO_AGREEMENT``) is replaced by a measurement.
 
@@ -53,10 +53,10 @@ def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
     times, source = table.lookup(spec), TABLE
     if times is not None and not set(names) <= set(times):
         times = None  # a form was added since (or the entry was cut short): not an exact hit
-    if times is None and (options.measure is True or not spec.predictable):
+    if times is None and (options.measure is True or (options.measure == "auto" and not spec.predictable)):
         times, source = _measure(table, spec, forms), MEASURED
     if times is None:
-        times, source = table.predict(spec, names, original), PREDICTED
+        times, source = (table.predict(spec, names, original) if spec.predictable else {}), PREDICTED
         guess = _pick(times, original, allowed, options.margin)
         if options.measure == "auto" and times and table.agreement(spec, guess, original) < AUTO_AGREEMENT:
             times, source = _measure(table, spec, forms), MEASURED

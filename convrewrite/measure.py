@@ -61,6 +61,7 @@ def form_call(form: Form, spec, args: tuple) -> Callable[[], object]:
 
 
 def time_forms(spec, forms: list[Form], *, rounds: int = 5, block_s: float = 0.01) -> dict[str, float]:
-    """Median seconds per call of each form on random inputs shaped like ``spec``."""
-    args = spec.example_inputs()
+    """Median seconds per call of each form on random inputs shaped like ``spec`` (drawn from
+    a private generator: measuring must not move the user's random number stream)."""
+    args = spec.example_inputs(torch.Generator(spec.device).manual_seed(0))
     return time_callables({f.name: form_call(f, spec, args) for f in forms}, rounds=rounds, block_s=block_s)

@@ -25,6 +25,7 @@ from .measure import time_forms
 from .spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, ChannelMixSpec, layout_of
 from .table import CostTable, fingerprint, user_table_path
 
+MODES = ("infer", "train", "train-w")
 MAX_MACS = 1e8  # keeps every timed call within milliseconds on a small CPU
 
 
@@ -32,13 +33,14 @@ def _log_uniform(rng: random.Random, lo: float, hi: float) -> int:
     return int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
 
 
-def random_spec(rng: random.Random, device="cpu", dtype="float32", grad=False, realistic=False) -> ChannelMixSpec:
+def random_spec(rng: random.Random, device="cpu", dtype="float32", mode="infer", realistic=False) -> ChannelMixSpec:
     """One random pointwise-conv spec, its work capped by MAX_MACS.
 
     Sizes are log-uniform integers; ``realistic`` rounds them the way models are written
     (channels to multiples of 8, batch to a power of two, square images, lengths to
-    multiples of 8).
+    multiples of 8). ``mode``: infer, train or train-w (see ``ChannelMixSpec.mode``).
     """
+    grad = mode != "infer"
     while True:
         ndim = rng.choices((1, 2, 3), (0.45, 0.45, 0.1))[0]
         side_max = {1: 16384, 2: 128, 3: 24}[ndim]
@@ -54,7 +56,7 @@ def random_spec(rng: random.Random, device="cpu", dtype="float32", grad=False, r
         stride = (2,) * ndim if rng.random() < 0.1 and min(sides) > 1 else (1,) * ndim
         in_layout = rng.choices((CHANNELS_FIRST, CHANNELS_LAST, STRIDED), (0.7, 0.25, 0.05))[0]
         spec = ChannelMixSpec(batch, cin, cout, tuple(sides), groups, stride, bias=rng.random() < 0.8,
-                              dtype=dtype, device=device, in_layout=in_layout, grad=grad)
+                              dtype=dtype, device=device, in_layout=in_layout, grad=grad, input_grad=mode != "train-w")
         macs = spec.batch * math.prod(spec.out_spatial) * cin * cout / groups
         crashes = in_layout == CHANNELS_LAST and spec.ndim > 1 and channels_last_backward_may_crash(spec)
         if macs <= MAX_MACS * (0.3 if grad else 1.0) and not crashes:
@@ -98,7 +100,7 @@ def summary(table: CostTable) -> str:
             continue
         size = math.log10(max(1.0, spec.batch * math.prod(spec.out_spatial) * spec.in_channels * spec.out_channels / spec.groups))
         bin_ = "<1e6 MAC" if size < 6 else "1e6-1e8 MAC" if size < 8 else ">=1e8 MAC"
-        groups[(f"{spec.ndim}d", spec.in_layout, "train" if spec.grad else "infer", bin_)].append(times)
+        groups[(f"{spec.ndim}d", spec.in_layout, spec.mode, bin_)].append(times)
     rows = []
     for (nd, layout, mode, bin_), entries in sorted(groups.items()):
         wins = Counter(min(t, key=t.get) for t in entries)
@@ -123,22 +125,23 @@ def main(argv=None) -> int:
                     "atomically to the user cache dir (or --out). optimize() reads it from there.")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to profile (default: cpu)")
     parser.add_argument("--dtype", default="float32", help="comma-separated float dtypes, e.g. float32,bfloat16 (default: float32)")
-    parser.add_argument("--mode", default="infer,train",
-                        help="infer, train, or infer,train (default): train times forward + backward")
+    parser.add_argument("--mode", default="infer,train,train-w",
+                        help="comma-separated modes (default: infer,train,train-w): train times forward + "
+                             "backward to input and parameters, train-w backward to parameters only (a first layer)")
     parser.add_argument("--quick", action="store_true", help="a small grid and short timings (under a minute on 2 CPU cores)")
-    parser.add_argument("--specs", type=int, default=None, help="random specs per dtype and mode (default 600; 30 with --quick)")
+    parser.add_argument("--specs", type=int, default=None, help="random specs per dtype and mode (default 500; 20 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shape grid (default 0)")
     parser.add_argument("--out", default=None, help=f"table file to write (default: {user_table_path('cpu').parent}/<device>-<fingerprint>.json)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
     modes = [m.strip() for m in args.mode.split(",")]
-    if not modes or set(modes) - {"infer", "train"}:
-        parser.error(f"--mode: expected infer, train or infer,train, got {args.mode!r}")
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--mode: expected a comma-separated subset of {','.join(MODES)}, got {args.mode!r}")
     dtypes = [_dtype_name(d.strip(), parser) for d in args.dtype.split(",")]
-    n = args.specs or (30 if args.quick else 600)
+    n = args.specs or (20 if args.quick else 500)
     rng = random.Random(args.seed)
-    specs = [random_spec(rng, args.device, dtype, mode == "train", realistic=i % 2 == 0)
+    specs = [random_spec(rng, args.device, dtype, mode, realistic=i % 2 == 0)
              for dtype in dtypes for mode in modes for i in range(n)]
     out = args.out or user_table_path(args.device)
     table = CostTable(fingerprint(args.device))

@@ -43,7 +43,8 @@ class ChannelMixSpec:
     ``in_layout``/``out_layout`` are the memory layouts of the input the site receives and
     of the output the original op produces: every form must return that output layout, so
     the copies a form needs are part of its measured cost. ``grad``: autograd records the
-    op (timed as forward + backward). ``executor``: what runs the emitted form, ``"eager"``
+    op (timed as forward + backward); ``input_grad``: the backward also needs the input's
+    gradient (False for a first layer, whose input does not require grad). ``executor``: what runs the emitted form, ``"eager"``
     or ``"inductor"`` (timed compiled), since a form that wins in eager can lose after fusion.
     """
 
@@ -63,6 +64,7 @@ class ChannelMixSpec:
     in_layout: str = CHANNELS_FIRST
     out_layout: str = CHANNELS_FIRST
     grad: bool = False
+    input_grad: bool = True
     executor: str = "eager"
 
     def __post_init__(self):
@@ -94,8 +96,7 @@ class ChannelMixSpec:
         return (
             f"{self.kind}|n{self.batch}|i{self.in_channels}|o{self.out_channels}|s{dims(self.spatial)}"
             f"|g{self.groups}|st{dims(self.stride)}|p{dims(self.padding)}|b{int(self.bias)}"
-            f"|{self.dtype}|{self.device}|{self.in_layout}>{self.out_layout}|{'train' if self.grad else 'infer'}"
-            f"|{self.executor}"
+            f"|{self.dtype}|{self.device}|{self.in_layout}>{self.out_layout}|{self.mode}|{self.executor}"
         )
 
     @classmethod
@@ -110,8 +111,14 @@ class ChannelMixSpec:
             batch=int(parts[1][1:]), in_channels=int(parts[2][1:]), out_channels=int(parts[3][1:]),
             spatial=dims(parts[4][1:]), groups=int(parts[5][1:]), stride=dims(parts[6][2:]),
             padding=dims(parts[7][1:]), bias=parts[8] == "b1", dtype=parts[9], device=parts[10],
-            in_layout=in_layout, out_layout=out_layout, grad=parts[12] == "train", executor=parts[13],
+            in_layout=in_layout, out_layout=out_layout, grad=parts[12] != "infer", input_grad=parts[12] != "train-w",
+            executor=parts[13],
         )
+
+    @property
+    def mode(self) -> str:
+        """infer, train (backward to input and parameters) or train-w (to parameters only)."""
+        return "infer" if not self.grad else "train" if self.input_grad else "train-w"
 
     def describe(self) -> str:
         """A short human-readable form, for reports."""
@@ -133,7 +140,7 @@ class ChannelMixSpec:
         the sizes that set the amount of work, per group.
         """
         categorical = (self.ndim, self.groups > 1, any(s > 1 for s in self.stride), any(self.padding),
-                       self.dtype, self.device, self.in_layout, self.out_layout, self.grad)
+                       self.dtype, self.device, self.in_layout, self.out_layout, self.mode)
         numeric = (
             math.log2(self.batch),
             math.log2(self.in_channels // self.groups),
@@ -155,7 +162,7 @@ class ChannelMixSpec:
                         generator=generator, **kw) / math.sqrt(self.in_channels // self.groups)
         b = torch.randn(self.out_channels, generator=generator, **kw) if self.bias else None
         if self.grad:
-            x.requires_grad_(True)
+            x.requires_grad_(self.input_grad)
             w.requires_grad_(True)
             if b is not None:
                 b.requires_grad_(True)
@@ -183,16 +190,16 @@ class ChainSpec:
     device: str = "cpu"
     in_layout: str = CHANNELS_FIRST
     grad: bool = False
+    input_grad: bool = True
     executor: str = "eager"
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+    torch_dtype = ChannelMixSpec.torch_dtype
+    mode = ChannelMixSpec.mode
 
     def key(self) -> str:
         ops = ";".join(",".join(map(str, op)) for op in self.ops)
         return (f"{self.kind}|{'x'.join(map(str, self.shape))}|{self.channel_axis}|{ops}|{self.dtype}|{self.device}"
-                f"|{self.in_layout}|{'train' if self.grad else 'infer'}|{self.executor}")
+                f"|{self.in_layout}|{self.mode}|{self.executor}")
 
     def describe(self) -> str:
         """A short human-readable form, for reports."""
@@ -220,7 +227,8 @@ class ChainSpec:
         params = [None if s is None else torch.randn(*s, generator=generator, **kw) / math.sqrt(s[-1])
                   for s in self.param_shapes()]
         if self.grad:
-            for t in (x, *params):
-                if t is not None:
-                    t.requires_grad_(True)
+            x.requires_grad_(self.input_grad)
+            for p in params:
+                if p is not None:
+                    p.requires_grad_(True)
         return (x, *params)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = 2  # 2: spec keys carry the executor
+VERSION = 3  # 2: spec keys carry the executor; 3: and train-w, a backward without the input's gradient
 TABLES_DIR = Path(__file__).parent / "tables"
 NEIGHBOURS = 4
 VOTERS = 8

@@ -446,3 +446,17 @@ def test_forced_chain_rewrite_removes_the_permutes(fake_table, tmp_path):
     assert not [n for n in gm.graph.nodes if n.target == "permute"]
     (chain,) = [s for s in opt.report if s.pattern == "layout chain"]
     assert chain.chosen == "channels_first_matmul" and "removes 2 permutes" in chain.note
+
+
+def test_specialising_leaves_the_global_random_stream_alone():
+    model, x = nn.Sequential(nn.Conv1d(4, 8, 1), nn.Dropout(0.5), nn.Conv1d(8, 8, 1)), torch.randn(2, 4, 16)
+    opt = convrewrite.optimize(model, measure=True)  # measures and verifies on its first call
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = opt(x)
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(after, torch.rand(4))

@@ -83,7 +83,7 @@ def _walk(gm, entry: fx.Node, axis: str, x) -> Site | None:
     if out is None:
         return None
     spec = ChainSpec(tuple(x.shape), axis, tuple(ops), str(x.dtype).removeprefix("torch."), x.device.type,
-                     x.layout, out.requires_grad)
+                     x.layout, out.requires_grad, x.requires_grad)
     removed = sum(op[0] == "contiguous" for op in ops)
     note = f"removes 2 permutes{f' and {removed} copies' if removed else ''}"
     return Site(user, entry.args[0], tuple(params), spec, ORIGINAL, PATTERN, _path(nodes), tuple(nodes), note)

@@ -84,7 +84,7 @@ def _spec(node, x_node, weight_shape, bias, stride, padding, groups) -> ChannelM
         batch=x.shape[0], in_channels=x.shape[1], out_channels=weight_shape[0], spatial=x.shape[2:],
         groups=int(groups), stride=tuple(stride), padding=tuple(padding), bias=bias,
         dtype=str(x.dtype).removeprefix("torch."), device=x.device.type,
-        in_layout=x.layout, out_layout=out.layout, grad=out.requires_grad,
+        in_layout=x.layout, out_layout=out.layout, grad=out.requires_grad, input_grad=x.requires_grad,
     )
 
 

@@ -1,0 +1,134 @@
+"""Faults and hostile inputs: they get a clear error or a clean fallback, never a wrong answer."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import convrewrite
+from convrewrite.table import CostTable, load_table, user_table_path
+
+
+def pointwise_stack():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+def test_new_memory_format_dtype_and_shape_respecialise():
+    model = pointwise_stack()
+    opt = convrewrite.optimize(model, forms=("matmul",), measure=True)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        for inp in (x, x.to(memory_format=torch.channels_last), x[:, :, ::2], x.double(), x[:1]):
+            model.to(inp.dtype)
+            torch.testing.assert_close(opt(inp), model(inp))
+    assert len(opt._state.specs) >= 4
+
+
+def test_integer_and_complex_inputs_run_as_the_original_does():
+    model = nn.Sequential(nn.Conv1d(2, 2, 1))
+    opt = convrewrite.optimize(model)
+    for x in (torch.ones(1, 2, 3, dtype=torch.int64), torch.ones(1, 2, 3, dtype=torch.complex64)):
+        with pytest.raises(RuntimeError) as expected:
+            model(x)
+        with pytest.raises(type(expected.value)), pytest.warns(UserWarning, match="run through the original"):
+            opt(x)
+
+
+def test_read_only_cache_dir_warns_and_keeps_choices_in_memory(isolated_cache):
+    isolated_cache.mkdir(parents=True)
+    os.chmod(isolated_cache, 0o500)
+    try:
+        if os.access(isolated_cache, os.W_OK):
+            pytest.skip("running as a user that can write anywhere")
+        model, x = nn.Conv1d(4, 8, 1), torch.randn(2, 4, 16)
+        with pytest.warns(UserWarning, match="could not write"), torch.no_grad():
+            opt = convrewrite.optimize(model, x, measure=True)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), model(x))
+    finally:
+        os.chmod(isolated_cache, 0o700)
+
+
+def test_profile_killed_halfway_keeps_the_old_table_and_its_progress(isolated_cache):
+    path = user_table_path("cpu")
+    env = {**os.environ, "CONVREWRITE_CACHE_DIR": str(isolated_cache)}
+    run = [sys.executable, "-m", "convrewrite.profile", "--quick", "--mode", "infer"]
+    subprocess.run(run + ["--specs", "3"], env=env, check=True, capture_output=True)
+    before = CostTable.read(path).entries
+    proc = subprocess.Popen(run + ["--specs", "400", "--seed", "1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(CostTable.read(path).entries) <= len(before):
+        time.sleep(0.5)  # wait for the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    after = CostTable.read(path).entries
+    assert set(before) <= set(after) and len(after) > len(before)
+    assert load_table("cpu").lookup  # still loads
+
+
+def test_whole_module_torch_save_and_load():
+    model, x = pointwise_stack(), torch.randn(1, 4, 3, 3)
+    opt = convrewrite.optimize(model, x)
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+# -- DistributedDataParallel over gloo, two processes on this machine -------------------------
+def _ddp_worker(rank, world, port, optimize, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = pointwise_stack()
+    if optimize:
+        model = convrewrite.optimize(model, forms=("baddbmm",), measure=True)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sgd = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    torch.manual_seed(1 + rank)
+    for _ in range(3):
+        sgd.zero_grad()
+        ddp(torch.randn(4, 4, 6, 6)).square().mean().backward()
+        sgd.step()
+    if rank == 0:  # as bytes: tensors sent through the queue would need this process alive
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        queue.put(buf.getvalue())
+    dist.destroy_process_group()
+
+
+def _train_ddp(optimize, port):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, optimize, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    state = torch.load(io.BytesIO(queue.get(timeout=300)))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return state
+
+
+def test_ddp_training_matches_the_unoptimized_model():
+    import socket
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    plain, optimized = _train_ddp(False, ports[0]), _train_ddp(True, ports[1])
+    assert list(plain) == list(optimized)
+    for k in plain:
+        torch.testing.assert_close(optimized[k], plain[k], rtol=1e-4, atol=1e-5)
