@@ -41,9 +41,13 @@ def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
 
     1. an exact table entry that timed every legal form;
     2. a measurement of every legal form, if ``options.measure`` is True, or is "auto" and
-       the spec kind cannot be predicted (a model's own layout chain);
+       the spec kind cannot be predicted (a model's own layout chain, run eagerly);
     3. the table's prediction; with ``measure="auto"`` (the default) a prediction whose
-       neighbours disagree (agreement below ``AUTO_AGREEMENT``) is replaced by a measurement.
+       neighbours disagree (agreement below ``AUTO_AGREEMENT``), or no prediction at all (no
+       entries for this device), is replaced by a measurement. Only eager specs are ever
+       measured here: inductor figures come from ``python -m convrewrite.profile --executor
+       inductor`` (compiling every candidate inside a compile is neither cheap nor safe), and
+       without them the original is left to inductor.
 
     No figures at all keeps the original. ``options.forms`` limits what may be chosen.
     """
@@ -53,12 +57,14 @@ def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
     times, source = table.lookup(spec), TABLE
     if times is not None and not set(names) <= set(times):
         times = None  # a form was added since (or the entry was cut short): not an exact hit
-    if times is None and (options.measure is True or (options.measure == "auto" and not spec.predictable)):
+    eager = spec.executor == "eager"  # inductor figures come from `profile --executor inductor` only
+    auto = options.measure == "auto" and eager
+    if times is None and ((options.measure is True and eager) or (auto and not spec.predictable)):
         times, source = _measure(table, spec, forms), MEASURED
     if times is None:
         times, source = (table.predict(spec, names, original) if spec.predictable else {}), PREDICTED
         guess = _pick(times, original, allowed, options.margin)
-        if options.measure == "auto" and times and table.agreement(spec, guess, original) < AUTO_AGREEMENT:
+        if auto and (not times or table.agreement(spec, guess, original) < AUTO_AGREEMENT):
             times, source = _measure(table, spec, forms), MEASURED
     times = {n: t for n, t in times.items() if n in allowed and n in names}
     if original not in times:

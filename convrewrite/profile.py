@@ -10,6 +10,7 @@ of which form wins where ends the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import sys
@@ -17,6 +18,7 @@ import time
 from collections import Counter, defaultdict
 
 import torch
+import torch._dynamo
 from tabulate import tabulate
 
 from .forms import forms_for
@@ -83,6 +85,8 @@ def build(specs: list[ChannelMixSpec], table: CostTable, rounds: int, block_s: f
 
     with tqdm(total=len(specs), disable=not progress, unit="spec", file=sys.stderr) as bar:
         for i, spec in enumerate(specs, 1):
+            if spec.executor == "inductor":
+                torch._dynamo.reset()  # each spec compiles every form afresh (dynamo caches per code object)
             forms = forms_for(spec)
             times = time_forms(spec, forms, rounds=rounds, block_s=block_s)
             table.add(spec.key(), times, {f.name: f.source_hash for f in forms if f.name in times})
@@ -100,14 +104,14 @@ def summary(table: CostTable) -> str:
             continue
         size = math.log10(max(1.0, spec.batch * math.prod(spec.out_spatial) * spec.in_channels * spec.out_channels / spec.groups))
         bin_ = "<1e6 MAC" if size < 6 else "1e6-1e8 MAC" if size < 8 else ">=1e8 MAC"
-        groups[(f"{spec.ndim}d", spec.in_layout, spec.mode, bin_)].append(times)
+        groups[(spec.executor, f"{spec.ndim}d", spec.in_layout, spec.mode, bin_)].append(times)
     rows = []
-    for (nd, layout, mode, bin_), entries in sorted(groups.items()):
+    for (executor, nd, layout, mode, bin_), entries in sorted(groups.items()):
         wins = Counter(min(t, key=t.get) for t in entries)
         speedups = sorted(t[ORIGINAL] / min(t.values()) for t in entries)
-        rows.append((nd, layout, mode, bin_, len(entries), ", ".join(f"{n} {c}" for n, c in wins.most_common()),
+        rows.append((executor, nd, layout, mode, bin_, len(entries), ", ".join(f"{n} {c}" for n, c in wins.most_common()),
                      f"{speedups[len(speedups) // 2]:.2f}x", f"{speedups[-1]:.2f}x"))
-    return tabulate(rows, ("dims", "input", "mode", "size", "specs", "fastest form (count)", "median best/conv", "max"))
+    return tabulate(rows, ("executor", "dims", "input", "mode", "size", "specs", "fastest form (count)", "median best/conv", "max"))
 
 
 def _dtype_name(name: str, parser: argparse.ArgumentParser) -> str:
@@ -128,6 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", default="infer,train,train-w",
                         help="comma-separated modes (default: infer,train,train-w): train times forward + "
                              "backward to input and parameters, train-w backward to parameters only (a first layer)")
+    parser.add_argument("--executor", default="eager", choices=("eager", "inductor"),
+                        help="time the forms as they run eagerly (default), or compiled by torch.compile's inductor "
+                             "(the figures the convrewrite backend decides with)")
     parser.add_argument("--quick", action="store_true", help="a small grid and short timings (under a minute on 2 CPU cores)")
     parser.add_argument("--specs", type=int, default=None, help="random specs per dtype and mode (default 500; 20 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shape grid (default 0)")
@@ -141,7 +148,7 @@ def main(argv=None) -> int:
     dtypes = [_dtype_name(d.strip(), parser) for d in args.dtype.split(",")]
     n = args.specs or (20 if args.quick else 500)
     rng = random.Random(args.seed)
-    specs = [random_spec(rng, args.device, dtype, mode, realistic=i % 2 == 0)
+    specs = [dataclasses.replace(random_spec(rng, args.device, dtype, mode, realistic=i % 2 == 0), executor=args.executor)
              for dtype in dtypes for mode in modes for i in range(n)]
     out = args.out or user_table_path(args.device)
     table = CostTable(fingerprint(args.device))

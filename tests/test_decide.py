@@ -42,13 +42,18 @@ def test_unseen_spec_is_predicted_from_neighbours():
 
 
 def test_no_figures_keeps_the_original():
-    c = choose(SPEC, "conv", CostTable(fingerprint("cpu")), Options())
+    c = choose(SPEC, "conv", CostTable(fingerprint("cpu")), Options(measure=False))
     assert (c.form, c.source, c.rewritten) == ("conv", NONE, False)
 
 
 def test_forms_option_restricts_the_choice():
     c = choose(SPEC, "conv", table(ALL), Options(forms=("linear",)))
     assert c.form == "linear"
+
+
+def test_auto_measures_where_the_table_has_nothing(isolated_cache):
+    c = choose(SPEC, "conv", CostTable(fingerprint("cpu")), Options())
+    assert c.source == MEASURED
 
 
 def test_measure_on_miss_times_and_remembers(isolated_cache):
@@ -68,3 +73,17 @@ def test_options_are_validated(bad):
 def test_unknown_option_names_the_valid_ones():
     with pytest.raises(TypeError, match="valid options: .*margin"):
         Options.from_kwargs(margn=1.2)
+
+
+def test_inductor_specs_are_never_measured_here(isolated_cache):
+    spec = ChannelMixSpec(4, 8, 16, (32,), executor="inductor")
+    for measure in (True, "auto"):
+        c = choose(spec, "conv", CostTable(fingerprint("cpu")), Options(measure=measure))
+        assert (c.form, c.source) == ("conv", NONE)  # left to inductor
+
+
+def test_predictions_never_cross_executors():
+    eager = ChannelMixSpec(4, 8, 16, (30,))
+    c = choose(ChannelMixSpec(4, 8, 16, (32,), executor="inductor"), "conv",
+               table({**ALL, "conv": 9.0}, eager), Options(measure=False))
+    assert c.source == NONE
