@@ -107,7 +107,8 @@ class ConvRewriteModule(nn.Module):
         return self._specialization_for(args, kwargs).report
 
     def graph_module(self, *args, **kwargs) -> fx.GraphModule | None:
-        """The rewritten graph run for these inputs (None where the original runs instead)."""
+        """The rewritten graph run for these inputs (None where the original runs instead:
+        nothing was rewritten, or the model could not be captured)."""
         return self._specialization_for(args, kwargs).gm
 
     def _specialization_for(self, args, kwargs) -> Specialization:
@@ -185,9 +186,11 @@ class ConvRewriteModule(nn.Module):
             warnings.warn(f"convrewrite: the captured graph of {type(self.original).__name__} failed on these inputs "
                           f"({type(e).__name__}: {e}); they run through the original module", stacklevel=5)
             return Specialization(None, Report(signature=signature, note=f"graph failed: {e}")), _NOT_RUN
-        report = rewrite(gm, self.options)
+        report = Report(rewrite(gm, self.options).sites, signature)
+        if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
+            return Specialization(None, report), output
         watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
-        return Specialization(gm, Report(report.sites, signature), watched), output
+        return Specialization(gm, report, watched), output
 
     def _trace(self, flat: tuple) -> fx.GraphModule | str:
         """The captured graph for this pattern of None/bool arguments and training flags."""
