@@ -129,7 +129,8 @@ class ConvRewriteModule(nn.Module):
         spec, output = self._specialization(flat)
         if output is not _NOT_RUN:
             return output
-        return spec.gm(*flat) if spec.gm is not None else original(*args, **kwargs)
+        # forward, not __call__: there are no hooks to run (checked above), and this is the hot path
+        return spec.gm.forward(*flat) if spec.gm is not None else original.forward(*args, **kwargs)
 
     # -- specialisation ---------------------------------------------------------------------
     def _flat(self, args, kwargs) -> tuple | None:
@@ -279,8 +280,9 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _has_root_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or nn_module._global_forward_hooks
-                or nn_module._global_forward_pre_hooks)
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
 _NOT_RUN = object()
