@@ -93,7 +93,14 @@ def forced(model, x, rng, tmp):
     return path
 
 
-@settings(max_examples=int(os.environ.get("CONVREWRITE_FUZZ_EXAMPLES", "150")), deadline=None,
+def assert_close_scaled(got, want, tol):
+    """Equal within ``tol`` relative to the tensor's own scale: rounding differences of a
+    low-precision dtype grow with magnitude (BatchNorm in training amplifies them)."""
+    scale = max(1.0, want.detach().abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+
+
+@settings(max_examples=int(os.environ.get("CONVREWRITE_FUZZ_EXAMPLES", "300")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_optimized_models_equal_their_originals(case):
@@ -118,9 +125,9 @@ def test_optimized_models_equal_their_originals(case):
                 out = m(xi)
                 results.append((out, torch.autograd.grad(out.float().sum(), [xi, *model.parameters()], allow_unused=True)))
             (ref, ref_grads), (out, grads) = results
-            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+            assert_close_scaled(out, ref, tol)
             for g, r in zip(grads, ref_grads, strict=True):
                 if r is not None:
-                    torch.testing.assert_close(g, r, rtol=tol * 10, atol=tol * 10)
+                    assert_close_scaled(g, r, tol * 10)
     assert list(opt.state_dict()) == list(state)
     event(f"sites rewritten: {min(len(opt.report.rewritten), 2)}{'+' if len(opt.report.rewritten) > 1 else ''}")
