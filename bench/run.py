@@ -35,6 +35,7 @@ from convrewrite.forms.channel_mix import ORIGINAL
 from convrewrite.measure import time_callables, time_forms
 from convrewrite.options import Options
 from convrewrite.profile import MODES, random_spec
+from convrewrite.spec import ChannelMixSpec
 from convrewrite.table import CostTable, fingerprint, load_table
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -120,6 +121,7 @@ def bench_workload(workload, train: bool, args, tmp: Path) -> dict:
     report = optimized.report
     return {"workload": workload.name, "source": workload.source, "mode": "train" if train else "infer",
             "times": times, "first_call_s": first, "chosen": [s.chosen for s in report],
+            "keys": [s.key for s in report],
             "figures": [s.source for s in report], "best": best,
             "optimized_vs_best": times["optimized"] / times[best],
             "optimized_vs_original": times["optimized"] / times["original"]}
@@ -158,6 +160,30 @@ def _quality(choices: list[dict]) -> dict:
             "p90_regret": regrets[int(0.9 * (len(regrets) - 1))], "max_regret": regrets[-1],
             "slower_than_original": sum(c["vs_original"] > 1.05 for c in choices),
             "measured": sum(c.get("source") == "measured" for c in choices), "regrets": regrets}
+
+
+def bench_roofline(args, workloads: list[dict]) -> dict:
+    """This machine's matmul peak and copy bandwidth, and each single-site pointwise workload's
+    fraction of its roofline bound (max of flops/peak and bytes/bandwidth) when optimized."""
+    n, size = 2048, 1 << 26
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    src, dst = torch.randn(size), torch.empty(size)
+    t = time_callables({"mm": lambda: torch.mm(a, b), "copy": lambda: dst.copy_(src)}, rounds=args.rounds, block_s=0.2)
+    peak, bandwidth = 2 * n ** 3 / t["mm"], 2 * 4 * size / t["copy"]
+    rows = []
+    for w in workloads:
+        if w["mode"] != "infer" or len(w["keys"]) != 1 or not w["keys"][0].startswith("channel_mix|"):
+            continue
+        spec = ChannelMixSpec.from_key(w["keys"][0])
+        positions = spec.batch * math.prod(spec.out_spatial)
+        flops = 2 * positions * spec.in_channels * spec.out_channels / spec.groups
+        moved = 4 * (spec.batch * spec.in_channels * math.prod(spec.spatial) + positions * spec.out_channels
+                     + spec.in_channels * spec.out_channels / spec.groups)
+        bound = max(flops / peak, moved / bandwidth)
+        rows.append({"workload": w["workload"], "gflop": flops / 1e9, "mbytes": moved / 1e6, "bound_ms": bound * 1e3,
+                     "optimized_ms": w["times"]["optimized"] * 1e3, "original_ms": w["times"]["original"] * 1e3,
+                     "fraction": bound / w["times"]["optimized"], "fraction_original": bound / w["times"]["original"]})
+    return {"peak_gflops": peak / 1e9, "bandwidth_gbs": bandwidth / 1e9, "sites": rows}
 
 
 def bench_overhead(args) -> dict:
@@ -236,6 +262,17 @@ def write_results(data: dict, command: str) -> None:
                            tablefmt="github"), ""]
     if data.get("grid"):
         lines += ["## Choice quality on unseen shapes", "", grid_text(data["grid"]), ""]
+    if data.get("roofline"):
+        r = data["roofline"]
+        lines += ["## Roofline", "",
+                  f"This machine: fp32 matmul peak {r['peak_gflops']:.0f} GFLOP/s (2048x2048 mm), copy bandwidth "
+                  f"{r['bandwidth_gbs']:.1f} GB/s (256 MB copy). Bound = max(flops / peak, bytes / bandwidth); "
+                  "fraction = bound / measured time (1.0 is the physical limit).", "",
+                  tabulate([(x["workload"], f"{x['gflop']:.3f}", f"{x['mbytes']:.1f}", f"{x['bound_ms']:.3f}",
+                             f"{x['original_ms']:.3f}", f"{x['fraction_original']:.0%}", f"{x['optimized_ms']:.3f}",
+                             f"{x['fraction']:.0%}") for x in r["sites"]],
+                           ["workload (infer)", "GFLOP", "MB moved", "bound ms", "original ms", "of bound",
+                            "optimized ms", "of bound"], tablefmt="github"), ""]
     if data.get("overhead"):
         o = data["overhead"]
         lines += ["## Overhead", "",
@@ -250,7 +287,8 @@ def write_results(data: dict, command: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter timings, a 40-spec grid")
-    p.add_argument("--only", action="append", default=[], help="workload name, 'grid' or 'overhead' (repeatable)")
+    p.add_argument("--only", action="append", default=[],
+                   help="workload name, 'roofline', 'grid' or 'overhead' (repeatable)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns (inductor, our backend)")
     p.add_argument("--grid-seed", type=int, default=2026)
     args = p.parse_args(argv)
@@ -265,6 +303,8 @@ def main(argv=None) -> int:
                              for train in (False, True)]
     if data["workloads"]:
         print(workload_table(data["workloads"]))
+    if data["workloads"] and wanted("roofline"):
+        data["roofline"] = bench_roofline(args, data["workloads"])
     if wanted("grid"):
         data["grid"] = bench_grid(args)
         print(grid_text(data["grid"]))
