@@ -25,10 +25,11 @@ _TABLES: dict[tuple, CostTable] = {}
 
 
 def table_for(device: str, options: Options) -> CostTable:
-    """The cost table for ``device``, loaded once per process (reloaded if the file changed)."""
+    """The cost table for ``device``, loaded once per process per user table file (reloaded
+    if that file changed)."""
     user = user_table_path(device)
     stamp = user.stat().st_mtime_ns if user.exists() else None
-    key = (device, os.fspath(options.table) if options.table else None, stamp)
+    key = (device, os.fspath(options.table) if options.table else None, os.fspath(user), stamp)
     if key not in _TABLES:
         _TABLES[key] = load_table(device, options.table)
     return _TABLES[key]
