@@ -62,9 +62,10 @@ def test_profile_killed_halfway_keeps_the_old_table_and_its_progress(isolated_ca
     before = CostTable.read(path).entries
     proc = subprocess.Popen(run + ["--specs", "400", "--seed", "1"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(CostTable.read(path).entries) <= len(before):
-        time.sleep(0.5)  # wait for the first checkpoint
+    for _ in range(240):  # wait (up to 2 minutes) for the first checkpoint
+        if len(CostTable.read(path).entries) > len(before):
+            break
+        time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     after = CostTable.read(path).entries
