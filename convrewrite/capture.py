@@ -1,21 +1,31 @@
 """Capture a module as an fx graph and annotate every tensor node with what it held on real inputs.
 
-``symbolic_trace`` gives the graph; :func:`annotate` runs it once through an fx Interpreter
-(as ``ShapeProp`` does) and stores a :class:`TensorInfo` in ``node.meta["convrewrite"]``,
-including the device and layout ShapeProp's ``TensorMetadata`` lacks. Finders read shapes
-only from there, so they serve any graph that carries the same annotation.
+``symbolic_trace`` gives the graph. A submodule whose own Python cannot be traced (a loop over
+``range(x.shape[1])``, say) or that calls ``unfold`` becomes an opaque leaf, a ``call_module``
+node marked ``OPAQUE``, and the rest is traced around it; if the root itself is such code, the
+graph is one opaque call of it. :func:`annotate` runs the graph once through an fx Interpreter (as ``ShapeProp`` does)
+and stores a :class:`TensorInfo` in ``node.meta["convrewrite"]``, including the device and
+layout ShapeProp's ``TensorMetadata`` lacks, and the seconds each opaque call took. Finders read
+shapes only from there, so they serve any graph that carries the same annotation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import time
 
 import torch
 import torch.fx as fx
 
+from .lift import MAX_OPERANDS
 from .spec import layout_of
 
 META = "convrewrite"
+OPAQUE = "convrewrite_opaque"  # node.meta key: why this module's forward was not traced through
+SECONDS = "convrewrite_seconds"  # node.meta key: how long an opaque call took when annotated
+ROOT = "convrewrite_root"  # the target of the one call in the graph of an untraceable root
+UNFOLDS = "calls unfold: analysed as one call"
 
 
 class CaptureError(RuntimeError):
@@ -45,16 +55,98 @@ def info(node) -> TensorInfo | None:
 
 def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
     """Symbolically trace ``module`` with ``concrete_args`` fixed (fx asserts them at run time);
-    the graph shares the module's submodules and parameters."""
-    try:
-        return fx.symbolic_trace(module, concrete_args=concrete_args or None)
-    except Exception as e:  # symbolic_trace raises many types for untraceable Python
-        raise CaptureError(f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    the graph shares the module's submodules and parameters. Submodules that cannot be traced
+    are left opaque; an untraceable root gives a graph of one opaque call (target ``ROOT``)."""
+    opaque: dict[str, str] = {}
+    while True:
+        tracer = _Tracer(opaque)
+        try:
+            graph = tracer.trace(module, concrete_args=concrete_args or None)
+        except Exception as e:  # symbolic_trace raises many types for untraceable Python
+            why = f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0]
+            if not tracer.failed_in or tracer.failed_in in opaque:
+                return _opaque_root(module, why)
+            opaque[tracer.failed_in] = why
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+        owners = _unfold_owners(gm) - set(opaque)
+        if "" in owners and _reads_few_tensors(module):
+            return _opaque_root(module, UNFOLDS)
+        if owners - {""}:
+            opaque.update(dict.fromkeys(owners - {""}, UNFOLDS))
+            continue
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.target in opaque:
+                node.meta[OPAQUE] = opaque[node.target]
+        return gm
+
+
+def _unfold_owners(gm: fx.GraphModule) -> set[str]:
+    """Paths of the modules whose own code calls ``unfold`` (a sliding window: usually a
+    convolution spelled out, lifted whole when kept opaque); "" is the root."""
+    owners = set()
+    for node in gm.graph.nodes:
+        leaf = node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Unfold)
+        if leaf or (node.op == "call_method" and node.target == "unfold") or \
+                (node.op == "call_function" and node.target is torch.nn.functional.unfold):
+            stack = list(node.meta.get("nn_module_stack", {}))[:-1 if leaf else None]
+            owners.add(stack[-1] if stack else "")
+    return owners
+
+
+def _reads_few_tensors(module: torch.nn.Module) -> bool:
+    """Could ``module`` as a whole be one convolution (data, weight, bias and little more)?"""
+    n_inputs = len(inspect.signature(module.forward).parameters)
+    return n_inputs + len(list(module.parameters())) + len(list(module.buffers())) <= MAX_OPERANDS
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that keeps ``opaque`` submodules as leaves and notes where tracing failed."""
+
+    def __init__(self, opaque: dict[str, str]):
+        super().__init__()
+        self.opaque, self.failed_in = opaque, ""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return qualname in self.opaque or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed_in = self.failed_in or self.path_of_module(m)  # the innermost module raised first
+            raise
+
+
+def _opaque_root(module: torch.nn.Module, why: str) -> fx.GraphModule:
+    """A graph of one call of ``module`` (as submodule ``ROOT``) on forward's parameters."""
+    graph, args, kwargs = fx.Graph(), [], {}
+    for name, p in inspect.signature(module.forward).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise CaptureError(f"{why} (and forward takes *args or **kwargs)")
+        node = graph.placeholder(name)
+        if p.kind == p.KEYWORD_ONLY:
+            kwargs[name] = node
+        else:
+            args.append(node)
+    call = graph.call_module(ROOT, tuple(args), kwargs)
+    call.meta[OPAQUE] = why
+    graph.output(call)
+    return fx.GraphModule({ROOT: module}, graph, type(module).__name__)
+
+
+def opaque_root(gm: fx.GraphModule) -> str | None:
+    """Why ``gm``'s root could not be traced (its graph is one opaque call), or None."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == ROOT), None)
+    return None if node is None else node.meta[OPAQUE]
 
 
 class _Annotator(fx.Interpreter):
     def run_node(self, node):
+        start = time.perf_counter()
         result = super().run_node(node)
+        if OPAQUE in node.meta:
+            node.meta[SECONDS] = time.perf_counter() - start
         if isinstance(result, torch.Tensor) and result.layout == torch.strided:
             node.meta[META] = TensorInfo.of(result)
         return result

@@ -11,6 +11,7 @@ from .options import Options
 from .table import CostTable, user_table_path
 
 TABLE, PREDICTED, MEASURED, NONE = "table", "predicted", "measured", "none"
+AS_WRITTEN = "as written"  # the original of a site whose source is code, not a form
 AUTO_AGREEMENT = 0.7  # below this share of agreeing neighbours, measure="auto" measures
 
 
@@ -70,6 +71,15 @@ def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
     if original not in times:
         return Choice(original, original, times, NONE)
     return Choice(_pick(times, original, allowed, options.margin), original, times, source)
+
+
+def against_source(choice: Choice, seconds: float, margin: float) -> Choice:
+    """``choice`` (among forms) weighed against source code that took ``seconds``: the
+    fastest form replaces the code if faster by ``margin``; no figures keep the code."""
+    times = {**choice.times, AS_WRITTEN: seconds}
+    best = min(choice.times, key=choice.times.get, default=AS_WRITTEN)
+    form = best if seconds >= margin * times[best] else AS_WRITTEN
+    return Choice(form, AS_WRITTEN, times, choice.source)
 
 
 def _pick(times: dict[str, float], original: str, allowed: set, margin: float) -> str:

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as nn_module
 
-from .capture import CaptureError, annotate, capture
+from .capture import ROOT, CaptureError, annotate, capture, opaque_root
 from .options import Options
 from .passes import rewrite
 from .report import Report
@@ -49,6 +49,7 @@ class _State:
     specs: dict = dataclasses.field(default_factory=dict)
     traces: dict = dataclasses.field(default_factory=dict)  # concrete (None/bool) arguments -> graph or error
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+    warned: set = dataclasses.field(default_factory=set)  # reasons already warned about
     last_report: Report | None = None
 
 
@@ -187,8 +188,12 @@ class ConvRewriteModule(nn.Module):
             warnings.warn(f"convrewrite: the captured graph of {type(self.original).__name__} failed on these inputs "
                           f"({type(e).__name__}: {e}); they run through the original module", stacklevel=5)
             return Specialization(None, Report(signature=signature, note=f"graph failed: {e}")), _NOT_RUN
-        report = Report(rewrite(gm, self.options).sites, signature)
+        why = opaque_root(traced)
+        report = Report(rewrite(gm, self.options).sites, signature, f"not traced: {why}" if why else "")
         if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
+            if why and why not in self._state.warned:
+                self._state.warned.add(why)
+                warnings.warn(f"convrewrite: {type(self.original).__name__} runs unchanged: {why}", stacklevel=5)
             return Specialization(None, report), output
         watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
         return Specialization(gm, report, watched), output
@@ -267,8 +272,9 @@ def _sharing_graph_module(traced: fx.GraphModule, original: nn.Module) -> fx.Gra
     """A fresh GraphModule over a copy of ``traced``'s graph whose parameters, buffers and
     submodules are the original's own dicts (submodules it adds stay its own)."""
     gm = fx.GraphModule(traced, copy.deepcopy(traced.graph))
+    own = {ROOT: original} if opaque_root(traced) else {}
     gm.__dict__.update(_parameters=original._parameters, _buffers=original._buffers,
-                       _modules=collections.ChainMap({}, original._modules))
+                       _modules=collections.ChainMap(own, original._modules))
     return gm
 
 

@@ -12,7 +12,7 @@ import os
 
 import torch.fx as fx
 
-from .decide import NONE, choose
+from .decide import AS_WRITTEN, NONE, against_source, choose
 from .forms import get_form
 from .options import Options
 from .report import Report, SiteReport
@@ -41,6 +41,10 @@ def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Re
     rows, replaced, choices = [], {}, {}
     for rule in rules():
         for site in list(rule(gm)):  # each rule sees the graph the rules before it left
+            if site.spec is None:
+                rows.append(SiteReport(site.path, site.pattern, "-", AS_WRITTEN, AS_WRITTEN, site.source_seconds,
+                                       None, NONE, site.note))
+                continue
             site = dataclasses.replace(_follow(site, replaced), spec=dataclasses.replace(site.spec, executor=executor))
             rows.append(_rewrite_site(gm, site, f"convrewrite_site{len(rows)}", options, replaced, choices))
     gm.graph.lint()
@@ -61,14 +65,16 @@ def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, r
     if key not in choices:  # repeated layers share one decision
         choices[key] = choose(site.spec, site.original, table_for(site.spec.device, options), options)
     choice = choices[key]
+    if site.source_seconds is not None:
+        choice = against_source(choice, site.source_seconds, options.margin)
     chosen, note = choice.form, "no figures for this spec" if choice.source == NONE else ""
     if choice.rewritten:
         note = site.note
         form = get_form(site.spec.kind, chosen)
         problem = verify(form, get_form(site.spec.kind, site.original), site.spec) if options.verify else None
         if problem:
-            chosen, note = site.original, f"kept original: {problem}"
+            chosen, note = choice.original, f"kept original: {problem}"
         else:
             replaced[site.node] = emit(gm, site, form, name)
-    return SiteReport(site.path, site.pattern, site.spec.describe(), site.original, chosen,
+    return SiteReport(site.path, site.pattern, site.spec.describe(), choice.original, chosen,
                       choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key())

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from convrewrite.capture import META, CaptureError, annotate, capture, info
+from convrewrite.capture import META, OPAQUE, ROOT, SECONDS, CaptureError, annotate, capture, info, opaque_root
 from convrewrite.spec import CHANNELS_LAST
 
 
@@ -32,13 +32,42 @@ def test_graph_shares_the_module_parameters():
     assert capture(model).conv.weight is model.conv.weight
 
 
-def test_untraceable_module_raises_capture_error():
-    class Branchy(nn.Module):
+class Branchy(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_untraceable_root_is_one_opaque_call():
+    gm = capture(Branchy())
+    (call,) = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert call.target == ROOT and "symbolic_trace failed" in opaque_root(gm)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(annotate(gm, (x,)), Branchy()(x))
+    assert call.meta[SECONDS] > 0 and info(call).shape == (3, 4)
+
+
+def test_untraceable_submodule_is_an_opaque_leaf_and_the_rest_is_traced():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.inner = nn.Conv1d(3, 3, 1), nn.Sequential(nn.ReLU(), Branchy())
+
         def forward(self, x):
-            return x if x.sum() > 0 else -x
+            return self.inner(self.conv(x)) * 2
+
+    gm = capture(Outer())
+    opaque = [n.target for n in gm.graph.nodes if OPAQUE in n.meta]
+    assert opaque == ["inner.1"] and opaque_root(gm) is None
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "inner.0", "inner.1"]
+
+
+def test_variadic_untraceable_root_raises_capture_error():
+    class Variadic(nn.Module):
+        def forward(self, *xs):
+            return xs[0] if xs[0].sum() > 0 else -xs[0]
 
     with pytest.raises(CaptureError, match="symbolic_trace failed"):
-        capture(Branchy())
+        capture(Variadic())
 
 
 def test_non_tensor_nodes_are_not_annotated():
@@ -46,3 +75,21 @@ def test_non_tensor_nodes_are_not_annotated():
     annotate(gm, (torch.randn(1, 3, 2, 2), 2.0))
     scale = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "scale")
     assert META not in scale.meta and info(None) is None
+
+
+def test_a_submodule_that_calls_unfold_is_kept_whole_for_lifting():
+    class Patches(nn.Module):
+        def forward(self, x):
+            return x.unfold(2, 3, 1).sum(-1)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patches, self.conv = Patches(), nn.Conv1d(2, 2, 1)
+
+        def forward(self, x):
+            return self.conv(self.patches(x)) + x.sum()
+
+    gm = capture(Outer())
+    assert [n.target for n in gm.graph.nodes if OPAQUE in n.meta] == ["patches"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["sum"]

@@ -46,11 +46,15 @@ def register_form(kind: str, name: str | None = None, supports: Callable = _alwa
     """Decorator: register ``fn(x, *params, spec)`` as a form of spec ``kind``.
 
     ``supports(spec) -> bool`` says whether the form computes that spec exactly; a form is
-    only timed and only chosen where it does. Re-registering a name replaces the old form.
+    only timed and only chosen where it does. Re-registering a name replaces the old form;
+    a name is unique across spec kinds.
     """
 
     def decorate(fn: Callable) -> Callable:
         form = Form(kind, name or fn.__name__, fn, supports)
+        other = next((k for k, forms in _REGISTRY.items() if k != kind and form.name in forms), None)
+        if other is not None:  # tables and options name forms without their kind
+            raise ValueError(f"form name {form.name!r} is already registered for {other!r}")
         _REGISTRY.setdefault(kind, {})[form.name] = form
         return fn
 
@@ -63,7 +67,7 @@ def unregister_form(kind: str, name: str) -> None:
 
 
 def _load_builtins() -> None:
-    from . import channel_mix, layout_chain  # noqa: F401  (register on import)
+    from . import channel_mix, conv, layout_chain  # noqa: F401  (register on import)
 
 
 def get_form(kind: str, name: str) -> Form:

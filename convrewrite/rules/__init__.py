@@ -15,6 +15,10 @@ import torch.fx as fx
 class Site:
     """One place to rewrite: ``node`` computes ``spec`` from ``x`` and ``params``.
 
+    A site whose source is code rather than a form (a lifted loop) has ``source_seconds``;
+    a form replaces it only if faster by the margin. A site found but not rewritable has no
+    ``spec``, and a ``note`` that says why.
+
     ``params`` (weights, biases) are graph nodes, attribute paths on the graph module (for
     module parameters), or None. ``original`` names the form that reproduces the source.
     ``nodes`` are the nodes the site replaces besides ``node`` (erased with it).
@@ -29,14 +33,15 @@ class Site:
     path: str
     nodes: tuple = ()
     note: str = ""
+    source_seconds: float | None = None  # the source is code, not a form: how long it took
 
 
 def rules() -> tuple:
     """The rules, in the order they run: a chain claims its 1x1 convs before the
     pointwise-conv rule sees them (if the chain is kept as written, that rule still may)."""
-    from . import layout_chain, pointwise_conv
+    from . import conv_loop, layout_chain, pointwise_conv
 
-    return (layout_chain.find, pointwise_conv.find)
+    return (conv_loop.find, layout_chain.find, pointwise_conv.find)
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:

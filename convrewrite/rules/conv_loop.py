@@ -1,0 +1,108 @@
+"""Rule: modules whose code computes a convolution (Python loops, unfold + multiply + sum,
+unfold + matmul, ...) as sites lifted to one conv op by :mod:`convrewrite.lift`.
+
+Such code rarely traces (``range(x.shape[1])`` stops ``symbolic_trace``), so candidates are
+the modules ``capture`` left opaque, the root included. Each is analysed as a function of its
+tensor inputs, parameters and buffers at the input signature's sizes. Left as written, with
+the reason in the report: modules with hooks, non-float or more than ``MAX_OPERANDS`` tensors,
+arguments that are neither tensors nor fixed, and code that is not shown to be a convolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from ..capture import OPAQUE, ROOT, SECONDS, info
+from ..forms.conv import ORIGINAL
+from ..lift import MAX_OPERANDS, NotLiftable, Operand, lift
+from ..measure import time_callables
+from . import Site
+from .pointwise_conv import FLOAT_DTYPES, has_hooks
+
+PATTERN, UNLIFTED = "conv loop", "untraced code"
+RETIME_BELOW = 0.05  # seconds: code faster than this on its (cold) first call is timed properly
+
+
+def find(gm: fx.GraphModule):
+    """Yield a :class:`Site` for every opaque module call in ``gm``; those that cannot be
+    lifted have no spec, and a note that says why."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and OPAQUE in node.meta:
+            yield _site(gm, node)
+
+
+def _site(gm: fx.GraphModule, node: fx.Node) -> Site:
+    path = "" if node.target == ROOT else node.target
+    try:
+        x, params, spec, seconds = _lift(gm.get_submodule(node.target), node)
+    except NotLiftable as e:
+        return Site(node, None, (), None, ORIGINAL, UNLIFTED, path, note=f"left as written: {e}",
+                    source_seconds=node.meta.get(SECONDS))
+    return Site(node, x, params, spec, ORIGINAL, PATTERN, path, note="lifted from Python code",
+                source_seconds=seconds)
+
+
+def _lift(module: torch.nn.Module, node: fx.Node):
+    """(data node, (weight, bias) as nodes or attribute paths, spec, seconds the code takes),
+    or NotLiftable."""
+    out = info(node)
+    if out is None:
+        raise NotLiftable("does not return one tensor")
+    if has_hooks(module):
+        raise NotLiftable("has hooks")
+    args = dict(enumerate(node.args)) | node.kwargs
+    tensors = {f"arg:{k}": v for k, v in args.items() if isinstance(v, fx.Node)}
+    if any(info(v) is None for v in tensors.values()):
+        raise NotLiftable("takes an argument that is not a tensor")
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    shapes = {**{n: info(v).shape for n, v in tensors.items()}, **{n: tuple(t.shape) for n, t in state.items()}}
+    dtypes = [info(v).dtype for v in tensors.values()] + [t.dtype for t in state.values()]
+    if any(d not in FLOAT_DTYPES for d in dtypes) or out.dtype not in FLOAT_DTYPES:
+        raise NotLiftable("reads a tensor that is not floating point")
+    if len(shapes) > MAX_OPERANDS:
+        raise NotLiftable(f"reads {len(shapes)} tensors (a convolution reads data, weight and bias)")
+    operands = [Operand(n, tuple(s), n in tensors) for n, s in shapes.items()]
+    run = _runner(module, args, state)
+    lifted = lift(run, operands, out.shape, dtype=str(out.dtype).removeprefix("torch."),
+                  device=out.device.type, grad=out.requires_grad)
+    if info(tensors[lifted.x]).dtype != out.dtype:
+        raise NotLiftable("returns another dtype than its data")
+    spec = dataclasses.replace(lifted.spec, input_grad=info(tensors[lifted.x]).requires_grad)
+    seconds = node.meta.get(SECONDS)
+    if seconds is None or seconds < RETIME_BELOW:
+        seconds = _time_source(run, operands, spec)
+    return tensors[lifted.x], tuple(_reference(node, tensors, n) for n in (lifted.w, lifted.b)), spec, seconds
+
+
+def _reference(node: fx.Node, tensors: dict, name: str | None):
+    """An operand as the emitted call reads it: its graph node, or its attribute path."""
+    if name is None or name in tensors:
+        return tensors.get(name)
+    return f"{node.target}.{name}"
+
+
+def _time_source(run, operands: list[Operand], spec) -> float:
+    """Seconds per call of the code on random operands, timed as its forms are (forward, and
+    backward if ``spec.grad``); the first call's figure is cold, and close calls need better."""
+    generator = torch.Generator(spec.device).manual_seed(0)
+    values = {o.name: torch.randn(o.shape, generator=generator, dtype=spec.torch_dtype, device=spec.device)
+              .requires_grad_(spec.grad) for o in operands}
+
+    def call():
+        out = run(values)
+        return torch.autograd.grad(out, list(values.values()), torch.ones_like(out), allow_unused=True) \
+            if spec.grad else out
+    return time_callables({"source": call}, rounds=3)["source"]
+
+
+def _runner(module: torch.nn.Module, args: dict, state: dict):
+    """Call ``module`` with operands (by name) in place of its tensor arguments and state."""
+    def run(values: dict) -> torch.Tensor:
+        call = {k: values.get(f"arg:{k}", v) for k, v in args.items()}
+        positional = tuple(call[i] for i in range(len([k for k in call if isinstance(k, int)])))
+        keywords = {k: v for k, v in call.items() if isinstance(k, str)}
+        return torch.func.functional_call(module, {n: values[n] for n in state}, positional, keywords)
+    return run

@@ -1,0 +1,120 @@
+"""Code that computes a convolution, through ``optimize``: lifted where shown equal (with
+gradients and shared parameters), reported and left as written where not."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import convrewrite
+from convrewrite.capture import annotate, capture
+from convrewrite.rules import conv_loop
+from tests import loops
+from tests.helpers import assert_same_outputs_and_grads
+
+
+def loop_specs(model, *inputs):
+    """The lifted specs of ``model``'s loops, under no_grad and with autograd."""
+    specs = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            gm = capture(model)
+            annotate(gm, inputs)
+            specs += [s.spec for s in conv_loop.find(gm) if s.spec is not None]
+    return specs
+
+
+@pytest.fixture
+def optimized(fake_table):
+    """``optimized(model, *inputs)``: optimize with a table where every conv form takes 1 ns,
+    so lifting never depends on how fast this machine runs the loop."""
+    def make(model, *inputs, **options):
+        table = fake_table(loop_specs(model, *inputs), original_time=1e-9)
+        return convrewrite.optimize(model, table=table, **options)
+    return make
+
+
+class Net(nn.Module):
+    """A loop between ordinary layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.taps, self.post = nn.Conv1d(4, 4, 3, padding=1), loops.TapLoop(4, 5), nn.Linear(30, 7)
+
+    def forward(self, x):
+        return self.post(torch.relu(self.taps(self.pre(x))))
+
+
+def test_a_loop_inside_a_model_is_lifted_with_equal_outputs_and_gradients(optimized):
+    model, x = Net(), torch.randn(2, 4, 30)
+    opt = optimized(model, x)
+    assert_same_outputs_and_grads(model, opt, x)
+    (row,) = [s for s in opt.report if s.pattern == conv_loop.PATTERN]
+    assert row.path == "taps" and row.original == "as written" and row.chosen.startswith("conv_")
+    assert opt.state_dict().keys() == model.state_dict().keys()
+
+
+def test_the_lifted_conv_reads_the_live_parameter(optimized):
+    model, x = Net(), torch.randn(2, 4, 30)
+    opt = optimized(model, x)
+    with torch.no_grad():
+        opt(x)
+        model.taps.w.mul_(-2)
+        torch.testing.assert_close(opt(x), model(x))
+
+
+@pytest.mark.parametrize("model, inputs", [
+    (loops.PerPixel(), (torch.randn(1, 1, 24, 24),)),
+    (loops.FullConvolve(), (torch.randn(50, 9), torch.randn(50, 5))),
+    (loops.UnfoldMulSum(stride=2, padding=1), (torch.randn(2, 3, 16, 16),)),
+])
+def test_a_model_that_is_a_loop_is_lifted_whole(optimized, model, inputs):
+    opt = optimized(model, *inputs)
+    assert_same_outputs_and_grads(model, opt, *inputs)
+    assert len(opt.report.rewritten) == 1 and "not traced" in opt.report.note
+
+
+def test_the_analysis_runs_once_per_signature(optimized):
+    calls = []
+    model, x = Net(), torch.randn(2, 4, 30)
+    model.taps.register_forward_pre_hook(lambda m, a: calls.append(1))
+    opt = optimized(model, x)
+    opt(x)
+    assert "has hooks" in opt.report.sites[0].note  # a hooked module is left as written
+    model.taps._forward_pre_hooks.clear()
+    opt = optimized(model, x)
+    runs = []
+    model.taps.forward = lambda x, _f=model.taps.forward: (runs.append(1), _f(x))[1]
+    opt(x)
+    first = len(runs)
+    for _ in range(3):
+        opt(x)
+    assert first > 1 and len(runs) == first  # analysed on the first call, lifted after it
+
+
+def test_code_that_is_not_a_convolution_runs_as_written_and_says_why(optimized):
+    model, x = nn.Sequential(nn.Identity(), loops.WithRelu()), torch.randn(1, 1, 10, 10)
+    opt = optimized(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+    (row,) = opt.report.sites
+    assert row.pattern == conv_loop.UNLIFTED and "not a polynomial op" in row.note and not opt.report.rewritten
+    assert "relu" in str(convrewrite.explain(model, x))
+
+
+def test_a_loop_taking_a_non_tensor_argument_is_left_alone(optimized):
+    class Taps(loops.TapLoop):
+        def forward(self, x, gain):
+            return super().forward(x) * gain
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.taps = Taps()
+
+        def forward(self, x, gain):
+            return self.taps(x, gain)
+
+    model, x = Outer(), torch.randn(2, 4, 20)
+    opt = optimized(model, x, 2.0)
+    torch.testing.assert_close(opt(x, 3.0), model(x, 3.0))
+    assert "not a tensor" in opt.report.sites[0].note
