@@ -1,8 +1,9 @@
-"""Workloads of the bench: the seeds' pointwise convolutions at the sizes they quote.
+"""Workloads of the bench: the seeds' convolutions at the sizes they quote, and real blocks.
 
 Each workload builds ``(model, inputs)``; the bench times the model as written, as
 ``convrewrite.optimize`` rewrites it, with every form forced at its sites, and under
-``torch.compile``.
+``torch.compile``. Convolutions written as Python code also carry the forum's hand-written
+answer (``reference``), timed in the same run. The seed code is copied as the users wrote it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +21,20 @@ class Workload:
     name: str
     source: str
     make: Callable[[], tuple[nn.Module, tuple]]
+    reference: Callable[[nn.Module], nn.Module] | None = None  # the hand-written best form
+    train: bool = True  # also timed as a training step
+    compile: bool = True  # also timed under torch.compile (inductor needs minutes on per-pixel loops)
+
+
+class Reference(nn.Module):
+    """A hand-written answer: ``fn(model, *inputs)``, reading the model's own parameters."""
+
+    def __init__(self, model: nn.Module, fn: Callable):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *inputs):
+        return self.fn(self.model, *inputs)
 
 
 class Seed000Linear(nn.Module):
@@ -183,6 +199,136 @@ class AudioStack(nn.Module):
         return y
 
 
+def convolve(a, v):
+    """Seed 002, as asked: rows of ``a`` fully convolved with rows of ``v`` by a double loop."""
+    if a.ndim == 1:
+        a = a.view(1, -1)
+        v = v.view(1, -1)
+    nrows, vcols = v.shape
+    acols = a.shape[1]
+    expanded = a.view((nrows, acols, 1)) * v.view((nrows, 1, vcols))
+    noutdim = vcols + acols - 1
+    out = torch.zeros((nrows, noutdim))
+    for i in range(acols):
+        for j in range(vcols):
+            out[:, i+j] += expanded[:, i, j]
+    return out.squeeze()
+
+
+class Convolve(nn.Module):
+    def forward(self, a, v):
+        return convolve(a, v)
+
+
+def myconv2d(input, weight, bias=None, stride=(1,1), padding=(0,0), dilation=(1,1), groups=1):
+    """Seed 003's first version: unfold twice, expand, multiply, sum."""
+    input = F.pad(input=input, pad= [padding[0], padding[0], padding[1], padding[1]], mode='constant', value=0)
+    dh, dw = stride
+    out_channels, in_channels, kh, kw = weight.shape
+    batch_size = input.shape[0]
+    patches = input.unfold(2, kh, dh).unfold(3, kw, dw)
+    h_windows = patches.shape[2]
+    w_windows = patches.shape[3]
+    patches = patches.expand(out_channels, *patches.shape)
+    patches = patches.permute(1, 3, 4, 0, 2, 5, 6)
+    patches = patches.contiguous()
+    patches = patches * weight
+    patches = patches.sum(-1).sum(-1).sum(-1)
+    if bias is not None:
+        bias = bias.expand(batch_size, h_windows, w_windows, out_channels)
+        patches = patches + bias
+    patches = patches.permute(0, 3, 1, 2)
+    return patches
+
+
+def myconv2d_unfold(input, weight, stride=1, padding=0, dilation=1):
+    """Seed 003's second version: ``nn.Unfold`` + matmul (its undefined out_h/out_w computed)."""
+    batch_size, in_channels, in_h, in_w = input.shape
+    out_channels, in_channels, kh, kw = weight.shape
+    unfold = torch.nn.Unfold(kernel_size=(kh, kw), dilation=dilation, padding=padding, stride=stride)
+    inp_unf = unfold(input)
+    out_unf = inp_unf.transpose(1, 2).matmul(weight.view(weight.size(0), -1).t()).transpose(1, 2)
+    out_h = (in_h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    out_w = (in_w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    out = out_unf.view(batch_size, out_channels, out_h, out_w)
+    return out
+
+
+class MyConv2d(nn.Module):
+    """A custom Conv2d layer over seed 003's functions."""
+
+    def __init__(self, cin=16, cout=32, k=3, unfold_matmul=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5)
+        self.bias = None if unfold_matmul else nn.Parameter(torch.zeros(cout))
+        self.unfold_matmul = unfold_matmul
+
+    def forward(self, x):
+        if self.unfold_matmul:
+            return myconv2d_unfold(x, self.weight, padding=1)
+        return myconv2d(x, self.weight, self.bias)
+
+
+def manual_conv2d(input_tensor, weight):
+    """Seed 004's per-pixel single-channel convolution (its CUDA example, on this device)."""
+    pad_height = weight.shape[2] // 2
+    pad_width = weight.shape[3] // 2
+    padded_input = F.pad(input_tensor, (pad_width, pad_width, pad_height, pad_height), mode='constant', value=0)
+    output_height = input_tensor.shape[2]
+    output_width = input_tensor.shape[3]
+    output_tensor = torch.zeros((1, 1, output_height, output_width), dtype=torch.float32)
+    for i in range(output_height):
+        for j in range(output_width):
+            output_tensor[0, 0, i, j] = torch.sum(padded_input[0, 0, i:i + weight.shape[2], j:j + weight.shape[3]] * weight)
+    return output_tensor
+
+
+class PerPixel(nn.Module):
+    def __init__(self, k=3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 1, k, k))
+
+    def forward(self, x):
+        return manual_conv2d(x, self.weight)
+
+
+class CausalTaps(nn.Module):
+    """A depthwise causal conv written as a loop over its taps (WaveNet / Mamba style)."""
+
+    def __init__(self, channels=64, taps=9):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, taps) / taps ** 0.5)
+
+    def forward(self, x):
+        k, length = self.weight.shape[1], x.shape[-1]
+        xpad = F.pad(x, (k - 1, 0))
+        y = torch.zeros_like(x)
+        for t in range(k):
+            y = y + self.weight[:, t:t + 1] * xpad[..., t:t + length]
+        return y
+
+
+LOOP_WORKLOADS = [
+    Workload("seed002-loop", "002: batched full 1D convolution, double loop, 1000 rows x 9 x 5",
+             lambda: (Convolve(), (torch.randn(1000, 9), torch.randn(1000, 5))),
+             lambda m: Reference(m, lambda _, a, v: torch.conv1d(a.unsqueeze(0), v.unsqueeze(1).flip(2),
+                                                                 padding=v.size(1) - 1, groups=a.size(0)).squeeze(0)),
+             train=False),
+    Workload("seed003-unfold", "003: unfold + expand + mul + sum conv, [8,16,64,64] * 32x16x3x3",
+             lambda: (MyConv2d(), (torch.randn(8, 16, 64, 64),)),
+             lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, m.bias))),
+    Workload("seed003-unfold-matmul", "003: nn.Unfold + matmul conv, [8,16,64,64] * 32x16x3x3, padding 1",
+             lambda: (MyConv2d(unfold_matmul=True), (torch.randn(8, 16, 64, 64),)),
+             lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, padding=1))),
+    Workload("seed004-per-pixel", "004: per-pixel loop, [1,1,100,100] * 3x3",
+             lambda: (PerPixel(), (torch.randn(1, 1, 100, 100),)),
+             lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, padding=1)), compile=False),
+    Workload("tap-loop", "loop over 9 taps: depthwise causal conv, [16,64,4000]",
+             lambda: (CausalTaps(), (torch.randn(16, 64, 4000),)),
+             lambda m: Reference(m, lambda m, x: F.conv1d(F.pad(x, (m.weight.shape[1] - 1, 0)), m.weight.unsqueeze(1),
+                                                          groups=x.shape[1]))),
+]
+
 WORKLOADS = [
     Workload("seed000-conv2d", "000: Conv2d(64,64,1) on [10,64,128,128]", _seed000_2d),
     Workload("seed000-conv1d", "000: Conv1d(32,32,1) on [128,32,5]", _seed000_1d),
@@ -205,3 +351,4 @@ WORKLOADS = [
     Workload("conformer-conv", "Conformer convolution module, [8,144,256]", lambda: (ConformerConv(), (torch.randn(8, 144, 256),))),
     Workload("audio-stack", "1D audio stack, [8,1,16000]", lambda: (AudioStack(), (torch.randn(8, 1, 16000),))),
 ]
+WORKLOADS += LOOP_WORKLOADS

@@ -8,6 +8,7 @@ memory layout), never the graph it came from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -277,22 +278,43 @@ class ConvSpec:
     def ndim(self) -> int:
         return len(self.stride)
 
-    @property
+    # cached: the forms read these on every call, and the spec is frozen
+    @functools.cached_property
     def conv_input_shape(self) -> tuple[int, ...]:
         """``[N, C, *spatial]``, the shape x takes as a conv input (before padding)."""
         sizes = [self.x_shape[d] for d in self.x_perm]
         spatial = sizes[len(sizes) - self.ndim:]
         return (math.prod(sizes[:self.x_batch]), math.prod(sizes[self.x_batch:len(sizes) - self.ndim]), *spatial)
 
-    @property
+    @functools.cached_property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.w_shape[d] for d in self.w_perm[len(self.w_perm) - self.ndim:])
 
-    @property
+    @functools.cached_property
     def conv_weight_shape(self) -> tuple[int, ...]:
         """``[C_out, C_in / groups, *kernel]``, the shape w takes as a conv weight."""
         n_in = self.conv_input_shape[1] // self.groups
         return (math.prod(self.w_shape) // (n_in * math.prod(self.kernel)), n_in, *self.kernel)
+
+    @functools.cached_property
+    def y_conv_order_shape(self) -> tuple[int, ...]:
+        """y's sizes (of size > 1) in the conv output's order (``y_perm``)."""
+        return tuple(self.y_shape[d] for d in self.y_perm)
+
+    @functools.cached_property
+    def flipped_dims(self) -> list[int]:
+        """The conv weight's dims to flip (a true convolution reads its kernel reversed)."""
+        return [2 + i for i, f in enumerate(self.flip) if f]
+
+    @functools.cached_property
+    def symmetric_padding(self) -> tuple[int, ...] | None:
+        """The ``padding`` argument of ``F.convNd`` if the pads are symmetric, else None."""
+        return tuple(b for b, _ in self.pads) if all(b == a >= 0 for b, a in self.pads) else None
+
+    @functools.cached_property
+    def y_unpermute(self) -> tuple[int, ...]:
+        """The permutation from ``y_perm`` order back to y's own dim order."""
+        return tuple(sorted(range(len(self.y_perm)), key=self.y_perm.__getitem__))
 
     def key(self) -> str:
         parts = (self.x_shape, self.w_shape, self.y_shape, self.x_perm, self.x_batch, self.w_perm, self.y_perm,

@@ -8,6 +8,8 @@ form's measured cost.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -19,21 +21,34 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def conv_input(x: torch.Tensor, spec) -> torch.Tensor:
     """``x`` as a conv input ``[N, C, *spatial]`` (unpadded)."""
-    return x.permute(spec.x_perm).reshape(spec.conv_input_shape)
+    return _reshape(_permute(x, spec.x_perm), spec.conv_input_shape)
 
 
 def conv_weight(w: torch.Tensor, spec) -> torch.Tensor:
     """``w`` as a conv weight ``[C_out, C_in / groups, *kernel]``, flipped where the code convolved."""
-    w = w.permute(spec.w_perm).reshape(spec.conv_weight_shape)
-    flipped = [2 + i for i, f in enumerate(spec.flip) if f]
-    return w.flip(flipped) if flipped else w
+    w = _reshape(_permute(w, spec.w_perm), spec.conv_weight_shape)
+    return w.flip(spec.flipped_dims) if spec.flipped_dims else w
 
 
 def from_conv(y: torch.Tensor, spec) -> torch.Tensor:
     """A conv output ``[N, C_out, *spatial]`` laid out as the code's output."""
-    order = spec.y_perm
-    y = y.reshape([spec.y_shape[d] for d in order])
-    return y.permute(sorted(range(len(order)), key=order.__getitem__)).reshape(spec.y_shape)
+    if not _is_identity(spec.y_unpermute):
+        y = _reshape(y, spec.y_conv_order_shape).permute(spec.y_unpermute)
+    return _reshape(y, spec.y_shape)
+
+
+# Small lifted convs cost little more than their views: each skipped view is an autograd node less.
+def _permute(t: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+    return t if _is_identity(perm) else t.permute(perm)
+
+
+@functools.cache
+def _is_identity(perm: tuple[int, ...]) -> bool:
+    return perm == tuple(range(len(perm)))
+
+
+def _reshape(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def _pad(x: torch.Tensor, spec) -> torch.Tensor:
@@ -45,11 +60,9 @@ def _pad(x: torch.Tensor, spec) -> torch.Tensor:
 @register_form("conv", ORIGINAL)
 def conv_direct(x, w, b, *, spec):
     """One ``F.convNd`` (symmetric zero padding passed to it, anything else padded first)."""
-    x = conv_input(x, spec)
-    symmetric = all(before == after >= 0 for before, after in spec.pads)
-    padding = tuple(before for before, _ in spec.pads) if symmetric else 0
-    if not symmetric:
-        x = _pad(x, spec)
+    x, padding = conv_input(x, spec), spec.symmetric_padding
+    if padding is None:
+        x, padding = _pad(x, spec), 0
     y = _CONV[spec.ndim](x, conv_weight(w, spec), b, spec.stride, padding, spec.dilation, spec.groups)
     return from_conv(y, spec)
 
