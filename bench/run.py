@@ -75,12 +75,11 @@ def first_call_seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def forced(model: nn.Module, inputs: tuple, form: str, train: bool, tmp: Path):
-    """``model`` optimized as if ``form`` won at every site where it is legal (None if nowhere)."""
-    with torch.set_grad_enabled(train):
-        report = convrewrite.explain(model, *inputs)
+def forced(model: nn.Module, inputs: tuple, form: str, train: bool, tmp: Path, report):
+    """``model`` optimized as if ``form`` won at every site of ``report`` (its explain()) where
+    it is legal (None if nowhere)."""
     table = CostTable(fingerprint("cpu"), profiled=True)
-    for site in report:  # every form timed (so the entry is an exact hit), the forced one fastest
+    for site in (s for s in report if s.key):  # every form timed (an exact hit), the forced one fastest
         # nanoseconds: faster than any code a lifted conv replaces, so loops are lifted too
         table.add(site.key, {**dict.fromkeys(registered_names(), 3e-9), site.original: 2e-9, form: 1e-9}, {})
     path = tmp / f"forced-{form}-{train}.json"
@@ -108,8 +107,11 @@ def bench_workload(workload, train: bool, args, tmp: Path) -> dict:
     candidates = {"original": call(model, inputs, train)}
     first = {"optimize": first_call_seconds(call(optimized, inputs, train))}
     candidates["optimized"] = call(optimized, inputs, train)
-    for form in ALL_FORMS:
-        variant = forced(model, inputs, form, train, tmp) if form != ORIGINAL else None
+    with torch.set_grad_enabled(train):
+        report = convrewrite.explain(model, *inputs)
+    kinds = {key.split("|")[0] for key in (s.key for s in report) if key}
+    for form in (f for f in ALL_FORMS if f != ORIGINAL and any(f in registered_names(k) for k in kinds)):
+        variant = forced(model, inputs, form, train, tmp, report)
         if variant is not None:
             candidates[f"form:{form}"] = call(variant, inputs, train)
     if workload.reference is not None:

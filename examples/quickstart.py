@@ -1,10 +1,12 @@
-"""Quickstart: optimize a model full of pointwise convolutions and see what changed.
+"""Quickstart: optimize a model with pointwise convs, a transpose chain and a convolution
+loop, and see what changed.
 
     python examples/quickstart.py
 
-Builds a PointNet-style encoder (Conv1d(k=1) stacks, as in seed 001) plus a 2D pointwise
-block, lets ``convrewrite.optimize`` pick each conv's fastest equal form from this device's
-cost table, prints the report, checks the outputs agree, and times both models side by side.
+Builds a PointNet-style encoder (Conv1d(k=1) stacks, as in seed 001), a Linear between
+transposes (seed 000's ``c2``), a smoothing filter written as a loop over its taps, and a 2D
+pointwise block; lets ``convrewrite.optimize`` pick each site's fastest equal form from this
+device's cost table, prints the report, checks the outputs agree, and times both models.
 """
 
 import torch
@@ -14,20 +16,40 @@ from torch.utils import benchmark
 import convrewrite
 
 
-class PointwiseModel(nn.Module):
+class Smoother(nn.Module):
+    """A per-channel smoothing filter written the way people first write it: a loop over taps."""
+
+    def __init__(self, channels, taps=5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels, taps), 1 / taps))
+
+    def forward(self, x):
+        taps, length = self.weight.shape[1], x.shape[-1]
+        padded = nn.functional.pad(x, (taps // 2, taps // 2))
+        out = torch.zeros_like(x)
+        for t in range(taps):
+            out = out + self.weight[:, t:t + 1] * padded[..., t:t + length]
+        return out
+
+
+class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.points = nn.Sequential(  # PointNet's shared per-point MLP, written as Conv1d(k=1)
             nn.Conv1d(8, 32, 1), nn.ReLU(), nn.Conv1d(32, 64, 1), nn.ReLU(), nn.Conv1d(64, 128, 1))
+        self.smooth = Smoother(128)
+        self.c2 = nn.Linear(128, 128)  # applied between transposes, as in seed 000
         self.mix = nn.Conv2d(16, 32, 1)  # a 1x1 conv in a 2D branch
 
     def forward(self, points, image):
-        return self.points(points).amax(dim=2), self.mix(image).mean(dim=(2, 3))
+        features = self.smooth(self.points(points))
+        features = self.c2(features.transpose(1, 2)).transpose(1, 2)
+        return features.amax(dim=2), self.mix(image).mean(dim=(2, 3))
 
 
 def main():
     torch.manual_seed(0)
-    model = PointwiseModel().eval()
+    model = Model().eval()
     inputs = (torch.randn(128, 8, 256), torch.randn(8, 16, 32, 32))
     optimized = convrewrite.optimize(model)
 

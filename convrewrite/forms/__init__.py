@@ -79,10 +79,10 @@ def get_form(kind: str, name: str) -> Form:
         raise KeyError(f"no form {name!r} for {kind!r}; registered: {sorted(_REGISTRY.get(kind, {}))}") from None
 
 
-def registered_names() -> set[str]:
-    """Names of every registered form, of any spec kind."""
+def registered_names(kind: str | None = None) -> set[str]:
+    """Names of the forms registered for spec ``kind`` (every kind if None)."""
     _load_builtins()
-    return {name for forms in _REGISTRY.values() for name in forms}
+    return {name for k, forms in _REGISTRY.items() if kind in (None, k) for name in forms}
 
 
 def forms_for(spec) -> list[Form]:

@@ -11,13 +11,14 @@ arguments that are neither tensors nor fixed, and code that is not shown to be a
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 import torch.fx as fx
 
 from ..capture import OPAQUE, ROOT, SECONDS, info
 from ..forms.conv import ORIGINAL
-from ..lift import MAX_OPERANDS, NotLiftable, Operand, lift
+from ..lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
 from ..measure import time_callables
 from . import Site
 from .pointwise_conv import FLOAT_DTYPES, has_hooks
@@ -66,15 +67,43 @@ def _lift(module: torch.nn.Module, node: fx.Node):
         raise NotLiftable(f"reads {len(shapes)} tensors (a convolution reads data, weight and bias)")
     operands = [Operand(n, tuple(s), n in tensors) for n, s in shapes.items()]
     run = _runner(module, args, state)
-    lifted = lift(run, operands, out.shape, dtype=str(out.dtype).removeprefix("torch."),
-                  device=out.device.type, grad=out.requires_grad)
+    lifted, seconds = _cached_lift(module, args, run, operands, out, node.meta.get(SECONDS))
     if info(tensors[lifted.x]).dtype != out.dtype:
         raise NotLiftable("returns another dtype than its data")
     spec = dataclasses.replace(lifted.spec, input_grad=info(tensors[lifted.x]).requires_grad)
-    seconds = node.meta.get(SECONDS)
-    if seconds is None or seconds < RETIME_BELOW:
-        seconds = _time_source(run, operands, spec)
     return tensors[lifted.x], tuple(_reference(node, tensors, n) for n in (lifted.w, lifted.b)), spec, seconds
+
+
+_ANALYSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {what it was analysed for: result}
+
+
+def _cached_lift(module: torch.nn.Module, args: dict, run, operands: list[Operand], out,
+                 seconds: float | None) -> tuple[Lifted, float]:
+    """``lift`` (and the code's time: ``seconds`` of its first call, retimed if short) once per
+    module, code, settings and signature: optimize() again does not repeat the analysis."""
+    key = (_code_state(module), tuple(operands), out.shape, out.dtype, out.requires_grad,
+           tuple((k, repr(v)) for k, v in args.items() if not isinstance(v, fx.Node)))
+    results = _ANALYSED.setdefault(module, {})
+    if key not in results:
+        try:
+            lifted = lift(run, operands, out.shape, dtype=str(out.dtype).removeprefix("torch."),
+                          device=out.device.type, grad=out.requires_grad)
+            if seconds is None or seconds < RETIME_BELOW:
+                seconds = _time_source(run, operands, lifted.spec)
+            results[key] = (lifted, seconds)
+        except NotLiftable as e:
+            results[key] = e
+    if isinstance(results[key], NotLiftable):
+        raise results[key]
+    return results[key]
+
+
+def _code_state(module: torch.nn.Module) -> tuple:
+    """What the code's behaviour may depend on besides its tensors: each submodule's forward
+    and plain attributes (a stride, a flag, the training mode)."""
+    return tuple((name, getattr(m.forward, "__func__", m.forward), m.training,
+                  tuple((k, repr(v)) for k, v in sorted(vars(m).items()) if not k.startswith("_")))
+                 for name, m in module.named_modules())
 
 
 def _reference(node: fx.Node, tensors: dict, name: str | None):

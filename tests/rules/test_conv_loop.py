@@ -118,3 +118,25 @@ def test_a_loop_taking_a_non_tensor_argument_is_left_alone(optimized):
     opt = optimized(model, x, 2.0)
     torch.testing.assert_close(opt(x, 3.0), model(x, 3.0))
     assert "not a tensor" in opt.report.sites[0].note
+
+
+class CountingUnfold(loops.UnfoldMulSum):
+    calls = 0
+
+    def forward(self, x):
+        CountingUnfold.calls += 1
+        return super().forward(x)
+
+
+def test_the_analysis_is_reused_across_optimize_calls_until_the_code_changes(optimized):
+    model, x = CountingUnfold(stride=1, padding=1), torch.randn(1, 3, 10, 10)
+    optimized(model, x)(x)
+    first = CountingUnfold.calls
+    optimized(model, x)(x)
+    # again: 3 traces and 3 annotating runs (2 of them in loop_specs), and no analysis
+    assert first > 20 and CountingUnfold.calls - first == 6
+    model.stride = 2  # another convolution now: analysed again, and still equal
+    opt = optimized(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+    assert "stride=(2, 2)" in opt.report.sites[0].shape
