@@ -75,9 +75,12 @@ def first_call_seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def forced(model: nn.Module, inputs: tuple, form: str, train: bool, tmp: Path, report):
-    """``model`` optimized as if ``form`` won at every site of ``report`` (its explain()) where
-    it is legal (None if nowhere)."""
+def forced(model: nn.Module, inputs: tuple, form: str, train: bool, tmp: Path, report=None):
+    """``model`` optimized as if ``form`` won at every site of ``report`` (its explain(), made
+    if not given) where it is legal (None if nowhere)."""
+    if report is None:
+        with torch.set_grad_enabled(train):
+            report = convrewrite.explain(model, *inputs)
     table = CostTable(fingerprint("cpu"), profiled=True)
     for site in (s for s in report if s.key):  # every form timed (an exact hit), the forced one fastest
         # nanoseconds: faster than any code a lifted conv replaces, so loops are lifted too

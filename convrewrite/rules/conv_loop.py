@@ -24,7 +24,7 @@ from . import Site
 from .pointwise_conv import FLOAT_DTYPES, has_hooks
 
 PATTERN, UNLIFTED = "conv loop", "untraced code"
-RETIME_BELOW = 0.05  # seconds: code faster than this on its (cold) first call is timed properly
+RETIME_BELOW = 0.2  # seconds: code faster than this on its (cold) first call is timed properly
 
 
 def find(gm: fx.GraphModule):
