@@ -4,7 +4,8 @@ Every registered form is timed on a seeded random grid of channel-mix specs (1D/
 batch, channels, spatial size, groups, stride, input layout, inference and training; half of
 them with sizes rounded the way models are written), and the
 table is written atomically to this machine's cache file (or ``--out``). A tabulate summary
-of which form wins where ends the run.
+of which form wins where ends the run. ``--plot PATH`` also times a regular grid of shapes
+and draws the crossover map (``convrewrite.crossover``) as a PNG.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch._dynamo
 from tabulate import tabulate
 
+from . import crossover
 from .forms import forms_for
 from .forms.channel_mix import ORIGINAL, channels_last_backward_may_crash, conv
 from .measure import time_forms
@@ -138,6 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small grid and short timings (under a minute on 2 CPU cores)")
     parser.add_argument("--specs", type=int, default=None, help="random specs per dtype and mode (default 500; 20 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shape grid (default 0)")
+    parser.add_argument("--plot", metavar="PNG", default=None,
+                        help="also time a regular (channels, size) grid and draw which form wins where, as a PNG "
+                             "(needs matplotlib: pip install 'convrewrite[plot]'); --specs 0 times that grid only")
     parser.add_argument("--out", default=None, help=f"table file to write (default: {user_table_path('cpu').parent}/<device>-<fingerprint>.json)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -146,7 +151,9 @@ def main(argv=None) -> int:
     if not modes or set(modes) - set(MODES):
         parser.error(f"--mode: expected a comma-separated subset of {','.join(MODES)}, got {args.mode!r}")
     dtypes = [_dtype_name(d.strip(), parser) for d in args.dtype.split(",")]
-    n = args.specs or (20 if args.quick else 500)
+    if args.plot:
+        _require_matplotlib(parser)
+    n = args.specs if args.specs is not None else (20 if args.quick else 500)
     rng = random.Random(args.seed)
     specs = [dataclasses.replace(random_spec(rng, args.device, dtype, mode, realistic=i % 2 == 0), executor=args.executor)
              for dtype in dtypes for mode in modes for i in range(n)]
@@ -156,11 +163,28 @@ def main(argv=None) -> int:
     build(specs, table, rounds=3 if args.quick else 5, block_s=0.002 if args.quick else 0.005,
           checkpoint=lambda partial: partial.write(out))
     table.profiled = not args.quick  # only a finished full run may stand alone, without the shipped table
+    if args.plot:
+        _plot(args, dtypes[0], table)
     print(summary(table))
     if not table.write(out):
         return 1
     print(f"\n{len(table.entries)} specs timed in {time.perf_counter() - start:.0f} s; table written to {out}")
     return 0
+
+
+def _require_matplotlib(parser: argparse.ArgumentParser) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error("--plot needs matplotlib: pip install 'convrewrite[plot]' (or pip install matplotlib)")
+
+
+def _plot(args, dtype: str, table: CostTable) -> None:
+    """Time the crossover grid into ``table`` and draw it to ``args.plot``."""
+    specs = [dataclasses.replace(s, executor=args.executor) for s in crossover.grid(args.device, dtype)]
+    build(specs, table, rounds=3 if args.quick else 5, block_s=0.002 if args.quick else 0.005)
+    path = crossover.draw(crossover.cells(specs, table.entries), args.plot, crossover.title(table.fingerprint, dtype))
+    print(f"crossover map: {path}")
 
 
 if __name__ == "__main__":
