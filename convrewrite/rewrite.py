@@ -1,8 +1,9 @@
 """Emit a chosen form into the graph, and check it against the original op first.
 
-The emitted node is a ``call_module`` to a :class:`SiteCall`, a parameterless module that
-holds the form and the spec: the graph reads ``self.convrewrite_site0(x, conv.weight, conv.bias)``
-and the weights stay the user's parameters, read live from their modules.
+The emitted node is a ``call_function`` of a :class:`SiteCall`, the form bound to its spec:
+the graph reads ``convrewrite_site0(x, getattr(self.conv, "weight"), ...)`` and the weights
+stay the user's parameters, read live from their modules. A plain callable, not a submodule:
+an ``nn.Module`` call costs microseconds of hook bookkeeping per site and call.
 """
 
 from __future__ import annotations
@@ -16,18 +17,24 @@ from .rules import Site
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-class SiteCall(torch.nn.Module):
-    """Calls ``form(x, *params, spec=spec)``; the graph's handle on one rewritten site."""
+class SiteCall:
+    """Calls ``form(x, *params, spec=spec)``; the graph's handle on one rewritten site.
+    ``__name__`` is the name the graph's code gives it."""
 
-    def __init__(self, form: Form, spec):
-        super().__init__()
-        self.form, self.spec = form, spec
+    def __init__(self, form: Form, spec, name: str):
+        self.form, self.spec, self.__name__ = form, spec, name
+        self._fn = form.fn
 
-    def forward(self, x, *params):
-        return self.form.fn(x, *params, spec=self.spec)
+    def __call__(self, x, *params):
+        return self._fn(x, *params, spec=self.spec)
 
-    def extra_repr(self) -> str:
-        return f"form={self.form.name!r}, spec={self.spec.key()!r}"
+    def __repr__(self) -> str:
+        return f"SiteCall({self.__name__}, form={self.form.name!r}, spec={self.spec.key()!r})"
+
+
+def site_calls(gm: fx.GraphModule) -> list[SiteCall]:
+    """The rewritten sites of ``gm``, in graph order."""
+    return [n.target for n in gm.graph.nodes if isinstance(n.target, SiteCall)]
 
 
 _VERIFIED: dict[tuple, str | None] = {}
@@ -80,13 +87,12 @@ def _read_attribute(graph: fx.Graph, path: str) -> fx.Node:
 
 
 def emit(gm: fx.GraphModule, site: Site, form: Form, name: str) -> fx.Node:
-    """Replace ``site.node`` by a call of ``form`` registered on ``gm`` as submodule ``name``;
-    return the new node."""
-    gm.add_submodule(name, SiteCall(form, site.spec))
+    """Replace ``site.node`` by a call of ``form`` named ``name`` in the graph's code; return
+    the new node."""
     graph = gm.graph
     with graph.inserting_before(site.node):
         params = tuple(_read_attribute(graph, v) if isinstance(v, str) else v for v in site.params)
-        new = graph.call_module(name, (site.x, *params))
+        new = graph.call_function(SiteCall(form, site.spec, name), (site.x, *params))
     new.meta.update(site.node.meta)
     site.node.replace_all_uses_with(new)
     for node in (site.node, *reversed(site.nodes)):

@@ -15,6 +15,7 @@ import convrewrite
 from convrewrite.forms import unregister_form
 from convrewrite.forms.channel_mix import conv
 from convrewrite.module import ConvRewriteModule
+from convrewrite.rewrite import site_calls
 
 from .helpers import assert_same_outputs_and_grads
 
@@ -61,7 +62,7 @@ def model_and_table(fake_table):
 
 def site_forms(optimized, *inputs):
     gm = optimized.graph_module(*inputs)
-    return [m.form.name for m in gm.modules() if type(m).__name__ == "SiteCall"]
+    return [c.form.name for c in site_calls(gm)]
 
 
 def test_rewrites_every_site_to_the_table_winner(model_and_table):
