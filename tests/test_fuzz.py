@@ -1,6 +1,7 @@
 """Property-based equivalence: random small models of supported patterns and distractors,
 with every site forced to a random form, give the original's outputs, gradients and state."""
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -93,10 +94,14 @@ def forced(model, x, rng, tmp):
     return path
 
 
-def assert_close_scaled(got, want, tol):
-    """Equal within ``tol`` relative to the tensor's own scale: rounding differences of a
-    low-precision dtype grow with magnitude (BatchNorm in training amplifies them)."""
+def assert_close_scaled(got, want, exact, tol):
+    """Equal within ``tol`` relative to the tensor's own scale (rounding differences of a
+    low-precision dtype grow with magnitude), or no further from the exact (float64) value
+    than the original's own rounding: BatchNorm training on a handful of values amplifies
+    rounding far beyond ``tol``, in the original as much as in any rewrite."""
     scale = max(1.0, want.detach().abs().max().item()) if want.numel() else 1.0
+    if got.numel() and (got.double() - exact).abs().max() <= 4 * (want.double() - exact).abs().max():
+        return
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
 
 
@@ -114,20 +119,21 @@ def test_optimized_models_equal_their_originals(case):
     except RuntimeError:
         assume(False)  # the model itself rejects this input (e.g. reflect padding wider than the data)
     model.load_state_dict(state)
+    exact_model = copy.deepcopy(model).double()
     with tempfile.TemporaryDirectory() as tmp:
         table = forced(model, x, rng, tmp)
         opt = convrewrite.optimize(model, table=table, measure=False)
         for _ in range(2):  # the first call specialises, the second runs the rewritten graph
             results = []
-            for m in (model, opt):
-                model.load_state_dict(state)  # the same BatchNorm statistics for both
-                xi = x.detach().requires_grad_(True)
+            for m, xm in ((model, x), (opt, x), (exact_model, x.double())):
+                m.load_state_dict(state)  # the same BatchNorm statistics for all
+                xi = xm.detach().requires_grad_(True)
                 out = m(xi)
-                results.append((out, torch.autograd.grad(out.float().sum(), [xi, *model.parameters()], allow_unused=True)))
-            (ref, ref_grads), (out, grads) = results
-            assert_close_scaled(out, ref, tol)
-            for g, r in zip(grads, ref_grads, strict=True):
+                results.append((out, torch.autograd.grad(out.float().sum(), [xi, *m.parameters()], allow_unused=True)))
+            (ref, ref_grads), (out, grads), (exact, exact_grads) = results
+            assert_close_scaled(out, ref, exact, tol)
+            for g, r, e in zip(grads, ref_grads, exact_grads, strict=True):
                 if r is not None:
-                    assert_close_scaled(g, r, tol * 10)
+                    assert_close_scaled(g, r, e, tol * 10)
     assert list(opt.state_dict()) == list(state)
     event(f"sites rewritten: {min(len(opt.report.rewritten), 2)}{'+' if len(opt.report.rewritten) > 1 else ''}")

@@ -36,10 +36,13 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def find(gm: fx.GraphModule):
-    """Yield a :class:`Site` for every layout chain in ``gm``."""
+    """Yield a :class:`Site` for every layout chain in ``gm``. Chains do not overlap: a
+    permutation that ends one chain and starts the next belongs to the first."""
+    claimed = set()
     for node in gm.graph.nodes:
         site = _chain_from(gm, node)
-        if site is not None:
+        if site is not None and claimed.isdisjoint((*site.nodes, site.node)):
+            claimed.update((*site.nodes, site.node))
             yield site
 
 

@@ -132,3 +132,12 @@ class LayerNormOverTwoDims(nn.Module):
 ])
 def test_leaves_other_chains_alone(model, x):
     assert chains_of(model, x) == []
+
+
+def test_adjacent_chains_do_not_share_a_permutation():
+    """Seed000 -> Conv1d(k=1) -> Seed000: the middle conv sits between the first chain's exit and
+    the second's entry, a chain of its own only if those transposes were free."""
+    model = nn.Sequential(Seed000(), nn.Conv1d(8, 8, 1), Seed000())
+    first, second = chains_of(model, torch.randn(2, 8, 5))
+    assert (first.path, second.path) == ("0.c2", "2.c2")
+    assert not {first.node, *first.nodes} & {second.node, *second.nodes}
