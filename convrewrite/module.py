@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import inspect
 import threading
+import time
 import warnings
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn as nn
 from torch.nn.modules import module as nn_module
 
 from .capture import ROOT, CaptureError, annotate, capture, opaque_root
+from .check import whole_graph_times
 from .options import Options
 from .passes import rewrite
 from .report import Report
@@ -182,14 +184,18 @@ class ConvRewriteModule(nn.Module):
         if isinstance(traced, str):
             return Specialization(None, Report(signature=signature, note=f"not captured: {traced}")), _NOT_RUN
         gm = _sharing_graph_module(traced, self.original)
+        start = time.perf_counter()
         try:
             output = annotate(gm, flat)
         except Exception as e:  # the original reports the user's own error, if it is one
             warnings.warn(f"convrewrite: the captured graph of {type(self.original).__name__} failed on these inputs "
                           f"({type(e).__name__}: {e}); they run through the original module", stacklevel=5)
             return Specialization(None, Report(signature=signature, note=f"graph failed: {e}")), _NOT_RUN
+        annotated_s = time.perf_counter() - start
         why = opaque_root(traced)
         report = Report(rewrite(gm, self.options).sites, signature, f"not traced: {why}" if why else "")
+        if report.rewritten and self.options.check:
+            report = self._checked(report, traced, gm, flat, annotated_s)
         if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
             if why and why not in self._state.warned:
                 self._state.warned.add(why)
@@ -197,6 +203,19 @@ class ConvRewriteModule(nn.Module):
             return Specialization(None, report), output
         watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
         return Specialization(gm, report, watched), output
+
+    def _checked(self, report: Report, traced: fx.GraphModule, gm: fx.GraphModule, flat: tuple,
+                 annotated_s: float) -> Report:
+        """``report``, or its sites back on their originals if the whole rewritten graph is
+        not faster than the graph as written on these inputs."""
+        times = whole_graph_times(_sharing_graph_module(traced, self.original), gm, self.original, flat, annotated_s)
+        if len(times) < 2:
+            return report.kept_original("kept original: the whole-graph check could not run both graphs")
+        old, new = times["original"], times["rewritten"]
+        line = f"whole graph on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms as written"
+        if new > old:
+            return report.kept_original(f"kept original: the rewritten graph ran {new / old:.2f}x slower").noted(line)
+        return report.noted(line)
 
     def _trace(self, flat: tuple) -> fx.GraphModule | str:
         """The captured graph for this pattern of None/bool arguments and training flags."""

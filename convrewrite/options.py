@@ -16,6 +16,9 @@ class Options:
         so only where the table's nearest entries disagree on the best form; False never does.
     verify: check every rewritten site numerically against the original op at
         specialisation, and keep the original where they disagree.
+    check: at specialisation, time the whole rewritten graph against the graph as written on
+        copies of the inputs, and keep the original if the rewrite is not faster there
+        (``optimize`` only: the backend leaves that judgement to its inner compiler's graph).
     table: path of a cost-table file to use before this machine's own and the shipped one.
     forms: if given, only these form names may be chosen (the original is always allowed).
     """
@@ -23,6 +26,7 @@ class Options:
     margin: float = 1.1
     measure: bool | str = "auto"
     verify: bool = True
+    check: bool = True
     table: str | os.PathLike | None = None
     forms: tuple[str, ...] | None = None
 
@@ -31,8 +35,9 @@ class Options:
             raise ValueError(f"margin must be a number >= 1.0, got {self.margin!r}")
         if not (isinstance(self.measure, bool) or self.measure == "auto"):
             raise TypeError(f"measure must be True, False or 'auto', got {self.measure!r}")
-        if not isinstance(self.verify, bool):
-            raise TypeError(f"verify must be True or False, got {self.verify!r}")
+        for name in ("verify", "check"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.table is not None and not os.path.isfile(self.table):
             raise FileNotFoundError(f"table: no cost-table file at {os.fspath(self.table)!r}")
         if self.forms is not None:

@@ -41,6 +41,16 @@ class Report:
     def rewritten(self) -> list[SiteReport]:
         return [s for s in self.sites if s.chosen != s.original]
 
+    def kept_original(self, why: str) -> "Report":
+        """This report with every rewritten site back on its original, noting ``why``."""
+        sites = tuple(dataclasses.replace(s, chosen=s.original, note=why) if s.chosen != s.original else s
+                      for s in self.sites)
+        return dataclasses.replace(self, sites=sites)
+
+    def noted(self, line: str) -> "Report":
+        """This report with ``line`` added to its note."""
+        return dataclasses.replace(self, note="\n".join(n for n in (self.note, line) if n))
+
     def __len__(self) -> int:
         return len(self.sites)
 

@@ -1,0 +1,106 @@
+"""The whole-graph check: what it keeps, what it reverts, and that it leaves no trace.
+
+Times come from the ``check_times`` fixture (conftest), never from the clock."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import convrewrite
+from convrewrite import check
+from convrewrite.spec import ChannelMixSpec
+
+X = torch.randn(4, 8, 32)
+
+
+def stack():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(8, 16, 1), nn.BatchNorm1d(16), nn.ReLU(inplace=True), nn.Dropout(0.3),
+                         nn.Conv1d(16, 8, 1))
+
+
+@pytest.fixture
+def table(fake_table):
+    specs = [ChannelMixSpec(4, 8, 16, (32,), grad=g) for g in (False, True)]
+    specs += [ChannelMixSpec(4, 16, 8, (32,), grad=g) for g in (False, True)]
+    return fake_table(specs, winner="matmul")
+
+
+def test_a_rewrite_that_is_slower_in_place_is_reverted(table, check_times):
+    check_times.result = {"original": 1e-3, "rewritten": 1.5e-3}
+    model = stack().eval()
+    opt = convrewrite.optimize(model, table=table)
+    with torch.no_grad():
+        report = opt.specialize(X)
+        torch.testing.assert_close(opt(X), model(X))
+        assert opt.graph_module(X) is None  # the original runs
+    assert len(report) == 2 and not report.rewritten
+    assert all("1.50x slower" in s.note for s in report)
+    assert "1.500 ms rewritten, 1.000 ms as written" in report.note
+
+
+def test_a_rewrite_that_is_faster_in_place_is_kept_and_reported(table):
+    model = stack().eval()
+    opt = convrewrite.optimize(model, table=table)
+    with torch.no_grad():
+        report = opt.specialize(X)
+    assert [s.chosen for s in report] == ["matmul", "matmul"]
+    assert "1.000 ms rewritten, 2.000 ms as written" in report.note
+
+
+def test_a_graph_that_fails_to_run_keeps_the_original(table, check_times):
+    check_times.result = {"original": 1e-3}  # what time_callables returns when a candidate raised
+    with torch.no_grad():
+        report = convrewrite.explain(stack().eval(), X, table=table)
+    assert not report.rewritten and "could not run" in report.sites[0].note
+
+
+def test_check_false_skips_it(table, check_times):
+    check_times.result = {"original": 1e-3, "rewritten": 9.0}
+    with torch.no_grad():
+        assert len(convrewrite.explain(stack().eval(), X, table=table, check=False).rewritten) == 2
+
+
+def test_checking_leaves_inputs_buffers_and_random_streams_as_one_call_would(table):
+    """Training mode: BatchNorm updates its statistics, dropout draws, ReLU writes in place."""
+    model, twin = stack(), stack()
+    opt = convrewrite.optimize(model, table=table)
+    x = X.clone().requires_grad_()
+    torch.manual_seed(1)
+    out = opt(x)  # specialises: captures, rewrites, checks (running both graphs), returns
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    ref = twin(x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(after, torch.rand(3))
+    for b, r in zip(model.buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(b, r)
+    assert all(p.grad is None for p in model.parameters())  # the check's backward accumulates nothing
+    torch.autograd.grad(out.sum(), x)  # BatchNorm saved its running statistics: no version bumped since
+
+
+def test_inputs_written_in_place_are_copied_for_the_check(table):
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(8, 16, 1)
+
+        def forward(self, x):
+            return self.conv(x.mul_(2))
+
+    model, x = InPlace().eval(), X.clone()
+    with torch.no_grad():
+        out = convrewrite.optimize(model, table=table)(x)
+    torch.testing.assert_close(x, X * 2)  # written once, by the user's own call
+    torch.testing.assert_close(out, model.conv(X * 2))
+
+
+def test_a_clear_win_is_not_timed_again(table, check_times, monkeypatch):
+    """An original whose annotating run alone took CLEAR_WIN times the rewritten graph's call
+    is not run again: a lifted loop costs one run of the loop, not five."""
+    monkeypatch.setattr(check, "CLEAR_WIN", 1.0)
+    monkeypatch.setattr(check, "INTERPRETER_S", 0.0)
+    check_times.result = {"original": 9.0, "rewritten": 1e-9}  # only the rewritten graph is asked for
+    with torch.no_grad():
+        report = convrewrite.explain(stack().eval(), X, table=table)
+    assert len(report.rewritten) == 2 and "0.000 ms rewritten" in report.note and "9000" not in report.note
