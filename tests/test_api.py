@@ -417,7 +417,7 @@ def test_measuring_with_restricted_forms_still_times_every_form(isolated_cache):
 
 
 # -- layout chains end to end (chains are measured at specialisation, never predicted) ---------
-from .rules.test_layout_chain import ConvFFN, ConvNeXtBlock, Seed000, UsedTwice  # noqa: E402
+from .rules.test_layout_chain import ConvFFN, ConvNeXtBlock, Regrouped, Seed000, UsedTwice  # noqa: E402
 
 
 @pytest.mark.parametrize("model, x", [(Seed000(), torch.randn(8, 8, 33)), (ConvFFN(), torch.randn(4, 9, 8)),
@@ -448,6 +448,25 @@ def test_forced_chain_rewrite_removes_the_permutes(fake_table, tmp_path):
     assert not [n for n in gm.graph.nodes if n.target == "permute"]
     (chain,) = [s for s in opt.report if s.pattern == "layout chain"]
     assert chain.chosen == "channels_first_matmul" and "removes 2 permutes" in chain.note
+
+
+@pytest.mark.parametrize("form", ["channels_first_conv", "channels_first_matmul"])  # the input is not channels-last
+def test_a_chain_with_regrouped_pixels_is_rewritten_exactly(form, tmp_path):
+    from convrewrite.forms import registered_names
+    from convrewrite.table import CostTable, fingerprint
+    model = Regrouped(lambda x, n, h, w: x.permute(0, 2, 3, 1).reshape(n, h * w, -1),
+                      lambda y, n, h, w: y.reshape(n, h, w, -1).permute(0, 3, 1, 2))
+    x = torch.randn(2, 4, 3, 5)
+    table = CostTable(fingerprint("cpu"), profiled=True)
+    for grad, xi in ((False, x), (True, x.clone().requires_grad_()), (True, x)):
+        with torch.set_grad_enabled(grad):
+            (site,) = convrewrite.explain(model, xi, measure=False)
+        table.add(site.key, {**dict.fromkeys(registered_names("layout_chain"), 3.0), "as_written": 2.0, form: 1.0}, {})
+    table.write(tmp_path / "t.json")
+    opt = convrewrite.optimize(model, table=tmp_path / "t.json")
+    assert_same_outputs_and_grads(model, opt, x)
+    assert [s.chosen for s in opt.report] == [form]
+    assert not [n for n in opt.graph_module(x).graph.nodes if n.target in ("reshape", "permute")]
 
 
 def test_specialising_leaves_the_global_random_stream_alone():

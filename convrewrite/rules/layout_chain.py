@@ -4,8 +4,12 @@ Finds ``transpose``/``permute``/``movedim``/``.mT`` that moves the channels from
 last dim (or back), followed by a chain of ops along the moved channel axis, ending in the
 inverse permutation. Chain ops: Linear / ``F.linear`` (channels last) or 1x1 ``ConvNd`` (channels
 at dim 1), LayerNorm over the channels, activations, per-channel scale/shift parameters,
-arithmetic with Python numbers, ``.contiguous()`` and ``Dropout(p=0)``. Every value inside the
-chain must have exactly one user: a permuted tensor used elsewhere keeps the chain as written.
+arithmetic with Python numbers, ``.contiguous()`` and ``Dropout(p=0)``. Channels-last chains
+may also regroup the other dims (``reshape``/``view``/``flatten``/``unflatten`` keeping the
+channels last, e.g. ``[N, H, W, C] -> [N, H*W, C]`` and back): channel-wise ops commute with
+that, and a reshape keeps the elements' order, so reshapes that end in the shape they began
+with cancel. Every value inside the chain must have exactly one user: a permuted tensor used
+elsewhere keeps the chain as written.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ _ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
 _ARITH = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add",
           operator.sub: "sub", torch.sub: "sub", operator.truediv: "div", torch.div: "div"}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RESHAPE_METHODS = {"reshape", "view", "flatten", "unflatten"}
+_RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten}
 
 
 def find(gm: fx.GraphModule):
@@ -76,14 +82,16 @@ def _walk(gm, entry: fx.Node, axis: str, x) -> Site | None:
         if step is None:
             return None
         op, op_params, channels = step
-        ops.append(op)
+        if op is not None:  # None: a regrouping of the other dims, checked to cancel at the end
+            ops.append(op)
         params.extend(op_params)
         nodes.append(user)
         y = user
     if not any(op[0] != "contiguous" for op in ops):
         return None
-    out = info(user)
-    if out is None:
+    out, inside = info(user), info(entry).shape
+    expected = (*inside[:-1], channels) if channels_last_inside else (inside[0], channels, *inside[2:])
+    if out is None or tuple(info(y).shape) != tuple(expected):  # reshapes inside did not cancel
         return None
     spec = ChainSpec(tuple(x.shape), axis, tuple(ops), str(x.dtype).removeprefix("torch."), x.device.type,
                      x.layout, out.requires_grad, x.requires_grad)
@@ -96,6 +104,8 @@ def _op(gm, node: fx.Node, y: fx.Node, channels: int, channels_last: bool):
     """(op, params, channels after) if ``node`` is a chain op applied to ``y``, else None."""
     if node.op == "call_module":
         return _module_op(gm, node, y, channels, channels_last)
+    if _regroups(node, y, channels, channels_last):
+        return None, (), channels
     if node.op == "call_method" and node.args[0] is y:
         if node.target == "contiguous" and len(node.args) == 1 and not node.kwargs:
             return ("contiguous",), (), channels
@@ -115,6 +125,16 @@ def _op(gm, node: fx.Node, y: fx.Node, channels: int, channels_last: bool):
     if node.target in _ARITH and len(node.args) == 2 and not node.kwargs:
         return _arith(node, y, channels, channels_last, len(info(y).shape))
     return None
+
+
+def _regroups(node: fx.Node, y: fx.Node, channels: int, channels_last: bool) -> bool:
+    """Does ``node`` reshape ``y`` (channels last) keeping the channels as the last dim?"""
+    reshape = (node.op == "call_method" and node.target in _RESHAPE_METHODS
+               or node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
+    if not (reshape and channels_last and node.args and node.args[0] is y) or info(node) is None:
+        return False
+    before, after = info(y).shape, info(node).shape
+    return len(after) >= 2 and before[-1] == after[-1] == channels
 
 
 def _module_op(gm, node, y, channels, channels_last):

@@ -141,3 +141,39 @@ def test_adjacent_chains_do_not_share_a_permutation():
     first, second = chains_of(model, torch.randn(2, 8, 5))
     assert (first.path, second.path) == ("0.c2", "2.c2")
     assert not {first.node, *first.nodes} & {second.node, *second.nodes}
+
+
+class Regrouped(nn.Module):
+    """A Linear over pixels with the spatial dims merged inside the chain, in several spellings."""
+
+    def __init__(self, enter, leave):
+        super().__init__()
+        self.lin, self.enter, self.leave = nn.Linear(4, 6), enter, leave
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return self.leave(self.lin(self.enter(x, n, h, w)), n, h, w)
+
+
+@pytest.mark.parametrize("enter, leave", [
+    (lambda x, n, h, w: x.permute(0, 2, 3, 1).reshape(n, h * w, -1),
+     lambda y, n, h, w: y.reshape(n, h, w, -1).permute(0, 3, 1, 2)),
+    (lambda x, n, h, w: x.permute(0, 2, 3, 1).flatten(1, 2),
+     lambda y, n, h, w: y.unflatten(1, (h, w)).permute(0, 3, 1, 2)),
+    (lambda x, n, h, w: torch.flatten(x.movedim(1, -1), 0, 2),
+     lambda y, n, h, w: y.view(n, h, w, 6).movedim(-1, 1)),
+])
+def test_regrouping_the_other_dims_inside_the_chain(enter, leave):
+    model, x = Regrouped(enter, leave), torch.randn(2, 4, 3, 5)
+    (site,) = chains_of(model, x)
+    assert site.spec.ops == (("mix", 4, 6, True),) and site.spec.shape == (2, 4, 3, 5)
+
+
+def test_regroupings_that_do_not_cancel_are_left_alone():
+    transposed_pixels = Regrouped(lambda x, n, h, w: x.permute(0, 2, 3, 1).reshape(n, h * w, -1),
+                                  lambda y, n, h, w: y.reshape(n, w, h, -1).permute(0, 3, 1, 2))
+    assert chains_of(transposed_pixels, torch.randn(2, 4, 3, 5)) == []  # back as [n, w, h]: other pixels
+    width_into_channels = Regrouped(lambda x, n, h, w: x.permute(0, 2, 3, 1).reshape(n, h, -1),
+                                    lambda y, n, h, w: y.reshape(n, h, w, -1).permute(0, 3, 1, 2))
+    width_into_channels.lin = nn.Linear(20, 30)
+    assert chains_of(width_into_channels, torch.randn(2, 4, 3, 5)) == []
