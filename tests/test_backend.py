@@ -8,12 +8,15 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
-from convrewrite.backend import parse_options
-from convrewrite.rewrite import site_calls
+from convrewrite.backend import annotate_from_meta, parse_options
 from convrewrite.capture import annotate, capture
+from convrewrite.forms import forms_for
+from convrewrite.rewrite import site_calls
 from convrewrite.rules import find_sites
+from convrewrite.table import CostTable, fingerprint
 
 from .helpers import assert_same_outputs_and_grads
+from .rules.test_layout_chain import ConvFFN, ConvNeXtBlock, Seed000
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +101,31 @@ def test_dynamic_shapes_leave_symbolic_sites_alone():
         torch.testing.assert_close(compiled(x), model(x))
     assert len(recorder.graphs) == 1
     assert not site_calls(recorder.graphs[0])
+
+
+@pytest.mark.parametrize("make, shape", [(Seed000, (2, 8, 5)), (ConvNeXtBlock, (2, 8, 6, 6)), (ConvFFN, (2, 7, 8))])
+def test_layout_chains_in_dynamo_graphs(make, shape, tmp_path):
+    """Dynamo inlines the modules (``torch.conv1d``, ``torch._C._nn.linear``, weights as
+    placeholders): the same chains are found, rewritten and equal."""
+    model, x = make(), torch.randn(shape)
+    specs = []
+
+    def finder(gm, example_inputs):
+        annotate_from_meta(gm)
+        specs.extend(s.spec for s in find_sites(gm) if s.pattern == "layout chain")
+        return gm.forward
+
+    torch.compile(model, backend=finder)(x)
+    (spec,) = specs
+    legal = [f.name for f in forms_for(spec)]
+    form = next(name for name in legal if name != "as_written")
+    table = CostTable(fingerprint("cpu"), profiled=True)
+    table.add(spec.key(), {**dict.fromkeys(legal, 3.0), "as_written": 2.0, form: 1.0}, {})
+    table.write(tmp_path / "t.json")
+    torch._dynamo.reset()
+    recorder = Recorder()
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(tmp_path / "t.json")})
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    (gm,) = recorder.graphs
+    assert [c.form.name for c in site_calls(gm)] == [form]
+    assert not [n for n in gm.graph.nodes if n.target in ("permute", "transpose", torch.permute, torch.transpose)]

@@ -2,8 +2,8 @@
 
 Finds ``transpose``/``permute``/``movedim``/``.mT`` that moves the channels from dim 1 to the
 last dim (or back), followed by a chain of ops along the moved channel axis, ending in the
-inverse permutation. Chain ops: Linear / ``F.linear`` (channels last) or 1x1 ``ConvNd`` (channels
-at dim 1), LayerNorm over the channels, activations, per-channel scale/shift parameters,
+inverse permutation. Chain ops: Linear / ``F.linear`` (channels last) or 1x1 ``ConvNd`` /
+``F.convNd`` (channels at dim 1), LayerNorm over the channels, activations, per-channel scale/shift parameters,
 arithmetic with Python numbers, ``.contiguous()`` and ``Dropout(p=0)``. Channels-last chains
 may also regroup the other dims (``reshape``/``view``/``flatten``/``unflatten`` keeping the
 channels last, e.g. ``[N, H, W, C] -> [N, H*W, C]`` and back): channel-wise ops commute with
@@ -26,7 +26,7 @@ from ..capture import info
 from ..forms.layout_chain import ORIGINAL
 from ..spec import ChainSpec
 from . import Site
-from .pointwise_conv import FLOAT_DTYPES, has_hooks, runs_own_forward
+from .pointwise_conv import FLOAT_DTYPES, FUNCTIONS, conv_call_args, has_hooks, runs_own_forward
 
 PATTERN = "layout chain"
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
@@ -122,6 +122,8 @@ def _op(gm, node: fx.Node, y: fx.Node, channels: int, channels_last: bool):
         return _linear_call(node, y, channels)
     if node.target is F.layer_norm and channels_last:
         return _layer_norm_call(node, y, channels)
+    if node.target in FUNCTIONS and not channels_last:
+        return _conv_call(node, y, channels)
     if node.target in _ARITH and len(node.args) == 2 and not node.kwargs:
         return _arith(node, y, channels, channels_last, len(info(y).shape))
     return None
@@ -172,6 +174,16 @@ def _linear_call(node, y, channels):
     if len(info(w).shape) != 2 or info(w).shape[1] != channels or (b is not None and info(b) is None):
         return None
     return ("mix", channels, info(w).shape[0], b is not None), (w, b), info(w).shape[0]
+
+
+def _conv_call(node, y, channels):
+    a = conv_call_args(node)
+    if a is None or a["input"] is not y or a["groups"] != 1 or set(a["stride"]) != {1} or any(a["padding"]):
+        return None
+    w = info(a["weight"]).shape
+    if w[1] != channels or any(k != 1 for k in w[2:]) or len(w) != len(info(y).shape):
+        return None
+    return ("mix", channels, w[0], a["bias"] is not None), (a["weight"], a["bias"]), w[0]
 
 
 def _layer_norm_call(node, y, channels):

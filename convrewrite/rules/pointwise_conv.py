@@ -23,7 +23,7 @@ from . import Site
 
 PATTERN = "pointwise conv"
 _MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _FUNCTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _FUNCTION_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,7 +34,7 @@ def find(gm: fx.GraphModule):
     for node in gm.graph.nodes:
         if node.op == "call_module":
             site = _module_site(gm, node)
-        elif node.op == "call_function" and node.target in _FUNCTIONS:
+        elif node.op == "call_function" and node.target in FUNCTIONS:
             site = _function_site(node)
         else:
             continue
@@ -55,18 +55,27 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     return Site(node, node.args[0], (f"{node.target}.weight", bias), spec, ORIGINAL, PATTERN, node.target)
 
 
-def _function_site(node: fx.Node) -> Site | None:
+def conv_call_args(node: fx.Node) -> dict | None:
+    """The arguments of an annotated ``torch.convNd`` call by name, stride and padding as
+    tuples (string padding: zero, as it is for a 1x1 kernel), or None if they are not constants."""
     if len(node.args) > len(_FUNCTION_ARGS) or set(node.kwargs) - set(_FUNCTION_ARGS):
         return None
     a = {**_FUNCTION_DEFAULTS, **dict(zip(_FUNCTION_ARGS, node.args)), **node.kwargs}
-    weight = info(a["weight"])
-    if weight is None or any(isinstance(a[k], fx.Node) for k in ("stride", "padding", "dilation", "groups")):
+    if info(a["weight"]) is None or any(isinstance(a[k], fx.Node) for k in ("stride", "padding", "dilation", "groups")):
         return None
-    ndim = _FUNCTIONS[node.target]
-    padding = (0,) * ndim if isinstance(a["padding"], str) else _ntuple(a["padding"], ndim)
     if a["bias"] is not None and info(a["bias"]) is None:
         return None
-    spec = _spec(node, a["input"], weight.shape, a["bias"] is not None, _ntuple(a["stride"], ndim), padding, a["groups"])
+    ndim = FUNCTIONS[node.target]
+    a["padding"] = (0,) * ndim if isinstance(a["padding"], str) else _ntuple(a["padding"], ndim)
+    a["stride"] = _ntuple(a["stride"], ndim)
+    return a
+
+
+def _function_site(node: fx.Node) -> Site | None:
+    a = conv_call_args(node)
+    if a is None:
+        return None
+    spec = _spec(node, a["input"], info(a["weight"]).shape, a["bias"] is not None, a["stride"], a["padding"], a["groups"])
     if spec is None:
         return None
     return Site(node, a["input"], (a["weight"], a["bias"]), spec, ORIGINAL, PATTERN, _path_of(node))
