@@ -41,6 +41,11 @@ def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, blo
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def time_once(fn: Callable[[], object]) -> float:
+    """Seconds of one call of ``fn`` (CUDA-synchronised): enough for slow code already warm."""
+    return _block(benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()), 1)
+
+
 def _block(timer: benchmark.Timer, number: int) -> float:
     """Seconds per call over ``number`` calls. ``Timer.timeit`` would first make two warm-up
     calls every time, tripling the cost of a round for a callable slower than the block

@@ -19,12 +19,13 @@ import torch.fx as fx
 from ..capture import OPAQUE, ROOT, SECONDS, info
 from ..forms.conv import ORIGINAL
 from ..lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
-from ..measure import time_callables
+from ..measure import time_callables, time_once
 from . import Site
 from .pointwise_conv import FLOAT_DTYPES, has_hooks
 
 PATTERN, UNLIFTED = "conv loop", "untraced code"
 RETIME_BELOW = 0.2  # seconds: code faster than this on its (cold) first call is timed properly
+ONE_CALL_ENOUGH = 0.02  # seconds: one warm call of code this slow is figure enough
 
 
 def find(gm: fx.GraphModule):
@@ -115,7 +116,8 @@ def _reference(node: fx.Node, tensors: dict, name: str | None):
 
 def _time_source(run, operands: list[Operand], spec) -> float:
     """Seconds per call of the code on random operands, timed as its forms are (forward, and
-    backward if ``spec.grad``); the first call's figure is cold, and close calls need better."""
+    backward if ``spec.grad``); the first call's figure is cold, and close calls need better.
+    Code slower than ``ONE_CALL_ENOUGH`` is timed once: its noise is small beside its time."""
     generator = torch.Generator(spec.device).manual_seed(0)
     values = {o.name: torch.randn(o.shape, generator=generator, dtype=spec.torch_dtype, device=spec.device)
               .requires_grad_(spec.grad) for o in operands}
@@ -124,7 +126,8 @@ def _time_source(run, operands: list[Operand], spec) -> float:
         out = run(values)
         return torch.autograd.grad(out, list(values.values()), torch.ones_like(out), allow_unused=True) \
             if spec.grad else out
-    return time_callables({"source": call}, rounds=3)["source"]
+    once = time_once(call)
+    return once if once >= ONE_CALL_ENOUGH else time_callables({"source": call}, rounds=3)["source"]
 
 
 def _runner(module: torch.nn.Module, args: dict, state: dict):
