@@ -343,7 +343,7 @@ WORKLOADS = [
     Workload("convnext-block", "ConvNeXt block, [8,96,28,28]", lambda: (ConvNeXtBlock(), (torch.randn(8, 96, 28, 28),))),
     Workload("shared-transpose", "transposed tensor used twice, [32,64,256]",
              lambda: (SharedTranspose(), (torch.randn(32, 64, 256),))),
-    Workload("pointnet", "PointNet encoder, [32,3,1024] points", lambda: (PointNetEncoder(), (torch.randn(32, 3, 1024),))),
+    Workload("pointnet", "PointNet encoder, [8,3,1024] points", lambda: (PointNetEncoder(), (torch.randn(8, 3, 1024),))),
     Workload("mobilenetv2-block", "MobileNetV2 inverted residual, [8,32,56,56]",
              lambda: (InvertedResidual(), (torch.randn(8, 32, 56, 56),))),
     Workload("resnet-bottleneck", "ResNet bottleneck, [8,256,28,28]", lambda: (Bottleneck(), (torch.randn(8, 256, 28, 28),))),
