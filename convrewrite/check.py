@@ -36,11 +36,11 @@ def whole_graph_times(original: fx.GraphModule, rewritten: fx.GraphModule, model
     """Seconds per call of ``original`` and ``rewritten`` (graphs over ``model``'s parameters)
     on copies of ``flat``, timed side by side; the model's buffers and RNG state are kept.
     ``annotated_s``: how long annotating ``original`` on ``flat`` took."""
-    inputs = tuple(_copy(v) for v in flat)
+    leaves = pytree.tree_map_only(torch.Tensor, _copy, flat)
     params = [p for p in model.parameters() if p.requires_grad]
     devices = sorted({t.device.index or 0 for t in pytree.tree_leaves(flat)
                       if isinstance(t, torch.Tensor) and t.is_cuda})
-    fns = {"original": _step(original, inputs, params), "rewritten": _step(rewritten, inputs, params)}
+    fns = {"original": _step(original, leaves, params), "rewritten": _step(rewritten, leaves, params)}
     floor = annotated_s - INTERPRETER_S * len(original.graph.nodes)  # the original takes at least this
     with _buffers_swapped(model), torch.random.fork_rng(devices=devices):
         once = time_callables({"rewritten": fns["rewritten"]}, rounds=1, block_s=0)
@@ -49,20 +49,21 @@ def whole_graph_times(original: fx.GraphModule, rewritten: fx.GraphModule, model
         return time_callables(fns, rounds=ROUNDS, block_s=BLOCK_S)
 
 
-def _copy(v):
-    if isinstance(v, torch.Tensor):
-        return v.detach().clone(memory_format=torch.preserve_format).requires_grad_(v.requires_grad)
-    return v
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone(memory_format=torch.preserve_format).requires_grad_(t.requires_grad)
 
 
-def _step(gm: fx.GraphModule, inputs: tuple, params: list[torch.Tensor]):
+def _step(gm: fx.GraphModule, leaves: tuple, params: list[torch.Tensor]):
     """One call as the user's is made: forward, plus backward to what requires grad if
-    autograd records (gradients returned, never accumulated into ``.grad``)."""
+    autograd records (gradients returned, never accumulated into ``.grad``). An input that
+    requires grad reaches the graph as a non-leaf (as the user's usually is), so the
+    model may write into it."""
     if not torch.is_grad_enabled():
-        return lambda: gm.forward(*inputs)
-    wrt = params + [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        return lambda: gm.forward(*leaves)
+    wrt = params + [t for t in pytree.tree_leaves(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def forward_backward():
+        inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.requires_grad else t, leaves)
         outs = [o for o in pytree.tree_leaves(gm.forward(*inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
         if outs and wrt:
             torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)

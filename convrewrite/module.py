@@ -27,6 +27,7 @@ from .check import whole_graph_times
 from .options import Options
 from .passes import rewrite
 from .report import Report
+from .rules.pointwise_conv import has_hooks
 
 MAX_SPECIALIZATIONS = 64  # input signatures kept per module; the oldest is dropped beyond that
 
@@ -208,6 +209,8 @@ class ConvRewriteModule(nn.Module):
                  annotated_s: float) -> Report:
         """``report``, or its sites back on their originals if the whole rewritten graph is
         not faster than the graph as written on these inputs."""
+        if any(has_hooks(m) for m in self.original.modules()):  # timing would run them again and again
+            return report.noted("whole graph not checked: the model has hooks")
         times = whole_graph_times(_sharing_graph_module(traced, self.original), gm, self.original, flat, annotated_s)
         if len(times) < 2:
             return report.kept_original("kept original: the whole-graph check could not run both graphs")

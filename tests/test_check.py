@@ -104,3 +104,37 @@ def test_a_clear_win_is_not_timed_again(table, check_times, monkeypatch):
     with torch.no_grad():
         report = convrewrite.explain(stack().eval(), X, table=table)
     assert len(report.rewritten) == 2 and "0.000 ms rewritten" in report.note and "9000" not in report.note
+
+
+def test_a_model_with_hooks_is_not_checked(table):
+    model, calls = stack().eval(), []
+    model[2].register_forward_hook(lambda *_: calls.append(1))
+    opt = convrewrite.optimize(model, table=table)
+    with torch.no_grad():
+        opt(X)
+    assert len(calls) == 1 and "not checked: the model has hooks" in opt.report.note
+    assert len(opt.report.rewritten) == 2
+
+
+def test_tensors_nested_in_arguments_are_copied_too(table):
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(8, 16, 1)
+
+        def forward(self, xs):
+            return self.conv(xs[0].mul_(2) + xs[1])
+
+    model, xs = Pair().eval(), [X.clone(), X.clone()]
+    with torch.no_grad():
+        convrewrite.optimize(model, table=table)(xs)
+    torch.testing.assert_close(xs[0], X * 2)
+
+
+def test_an_input_that_requires_grad_may_be_written_in_place(table):
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Conv1d(8, 16, 1), nn.Conv1d(16, 8, 1))
+    opt = convrewrite.optimize(model, table=table)
+    x = X.clone().requires_grad_()
+    out = opt(x * 1)  # a non-leaf, as the output of an earlier layer is
+    assert len(opt.report.rewritten) == 2
+    torch.testing.assert_close(out, model(x * 1))

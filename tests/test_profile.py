@@ -44,7 +44,8 @@ def test_random_specs_are_seeded_and_bounded(realistic):
 
 
 @pytest.mark.parametrize("argv, message", [(["--mode", "both"], "--mode"), (["--dtype", "fp16"], "not a torch float dtype"),
-                                           (["--dtype", "int32"], "not a torch float dtype")])
+                                           (["--dtype", "int32"], "not a torch float dtype"),
+                                           (["--specs", "0"], "0 only with --plot")])
 def test_bad_arguments_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         profile.main(argv)

@@ -135,8 +135,10 @@ def _regroups(node: fx.Node, y: fx.Node, channels: int, channels_last: bool) -> 
                or node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
     if not (reshape and channels_last and node.args and node.args[0] is y) or info(node) is None:
         return False
-    before, after = info(y).shape, info(node).shape
-    return len(after) >= 2 and before[-1] == after[-1] == channels
+    if any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values())):
+        return False  # view(dtype) reinterprets the bits: not a regrouping
+    (before, after) = info(y), info(node)
+    return after.dtype == before.dtype and len(after.shape) >= 2 and before.shape[-1] == after.shape[-1] == channels
 
 
 def _module_op(gm, node, y, channels, channels_last):
@@ -144,6 +146,8 @@ def _module_op(gm, node, y, channels, channels_last):
     if node.args != (y,) or node.kwargs or has_hooks(mod) or not runs_own_forward(mod):
         return None
     path = node.target
+    if getattr(mod, "inplace", False):
+        return None  # it would write through the permuted view into the chain's input
     if type(mod) in _ACT_MODULES:
         return ("act", _ACT_MODULES[type(mod)]), (), channels
     if isinstance(mod, nn.GELU):

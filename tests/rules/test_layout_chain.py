@@ -177,3 +177,21 @@ def test_regroupings_that_do_not_cancel_are_left_alone():
                                     lambda y, n, h, w: y.reshape(n, h, w, -1).permute(0, 3, 1, 2))
     width_into_channels.lin = nn.Linear(20, 30)
     assert chains_of(width_into_channels, torch.randn(2, 4, 3, 5)) == []
+
+
+def test_a_dtype_view_is_not_a_regrouping():
+    model = Regrouped(lambda x, n, h, w: (x.permute(0, 2, 3, 1).view(torch.int32) + 1).view(torch.float32),
+                      lambda y, n, h, w: y.permute(0, 3, 1, 2))
+    assert chains_of(model, torch.randn(2, 4, 3, 5)) == []
+
+
+def test_an_in_place_activation_writing_into_the_input_is_left_alone():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act, self.lin = nn.ReLU(inplace=True), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(self.act(x.permute(0, 2, 1))).permute(0, 2, 1) + x  # x itself is changed
+
+    assert chains_of(InPlace(), torch.randn(2, 4, 5)) == []
