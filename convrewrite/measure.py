@@ -25,7 +25,7 @@ def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, blo
     """
     timers = {}
     for name, fn in fns.items():
-        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        timer = _timer(fn)
         try:
             _block(timer, 1)  # warm-up; also finds candidates that fail
         except Exception as e:  # a broken candidate (a user's form, say) must not stop the rest
@@ -43,7 +43,11 @@ def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, blo
 
 def time_once(fn: Callable[[], object]) -> float:
     """Seconds of one call of ``fn`` (CUDA-synchronised): enough for slow code already warm."""
-    return _block(benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()), 1)
+    return _block(_timer(fn), 1)
+
+
+def _timer(fn: Callable[[], object]) -> benchmark.Timer:
+    return benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
 
 
 def _block(timer: benchmark.Timer, number: int) -> float:
