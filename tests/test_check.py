@@ -79,16 +79,19 @@ def test_checking_leaves_inputs_buffers_and_random_streams_as_one_call_would(tab
     torch.autograd.grad(out.sum(), x)  # BatchNorm saved its running statistics: no version bumped since
 
 
+class WritesItsInput(nn.Module):
+    """A pointwise conv of ``prepare(input)``, which writes into the input."""
+
+    def __init__(self, prepare):
+        super().__init__()
+        self.conv, self.prepare = nn.Conv1d(8, 16, 1), prepare
+
+    def forward(self, x):
+        return self.conv(self.prepare(x))
+
+
 def test_inputs_written_in_place_are_copied_for_the_check(table):
-    class InPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv1d(8, 16, 1)
-
-        def forward(self, x):
-            return self.conv(x.mul_(2))
-
-    model, x = InPlace().eval(), X.clone()
+    model, x = WritesItsInput(lambda x: x.mul_(2)).eval(), X.clone()
     with torch.no_grad():
         out = convrewrite.optimize(model, table=table)(x)
     torch.testing.assert_close(x, X * 2)  # written once, by the user's own call
@@ -117,15 +120,7 @@ def test_a_model_with_hooks_is_not_checked(table):
 
 
 def test_tensors_nested_in_arguments_are_copied_too(table):
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv1d(8, 16, 1)
-
-        def forward(self, xs):
-            return self.conv(xs[0].mul_(2) + xs[1])
-
-    model, xs = Pair().eval(), [X.clone(), X.clone()]
+    model, xs = WritesItsInput(lambda xs: xs[0].mul_(2) + xs[1]).eval(), [X.clone(), X.clone()]
     with torch.no_grad():
         convrewrite.optimize(model, table=table)(xs)
     torch.testing.assert_close(xs[0], X * 2)
