@@ -13,6 +13,7 @@ import collections
 import copy
 import dataclasses
 import inspect
+import operator
 import threading
 import time
 import warnings
@@ -20,14 +21,13 @@ import warnings
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.nn.modules import module as nn_module
 
 from .capture import ROOT, CaptureError, annotate, capture, opaque_root
 from .check import whole_graph_times
+from .hooks import global_hooks, has_hooks, own_hooks
 from .options import Options
 from .passes import rewrite
 from .report import Report
-from .rules.pointwise_conv import has_hooks
 
 MAX_SPECIALIZATIONS = 64  # input signatures kept per module; the oldest is dropped beyond that
 
@@ -41,8 +41,7 @@ class Specialization:
     watched: tuple[nn.Module, ...] = ()  # rewritten modules: a hook added to one invalidates the graph
 
     def stale(self) -> bool:
-        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in self.watched)
+        return any(own_hooks(m) for m in self.watched)
 
 
 @dataclasses.dataclass
@@ -54,6 +53,10 @@ class _State:
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     warned: set = dataclasses.field(default_factory=set)  # reasons already warned about
     last_report: Report | None = None
+
+
+_training = operator.attrgetter("training")
+_grad_enabled = torch.is_grad_enabled
 
 
 def _value_key(v):
@@ -123,17 +126,34 @@ class ConvRewriteModule(nn.Module):
             return Specialization(None, Report(note=f"not captured: {why}"))
         return self._specialization(flat)[0]
 
+    def __call__(self, *args, **kwargs):
+        # nn.Module.__call__ adds two frames and its own hook checks to every call, a measurable
+        # share of a small model's time; without hooks, compile() or a jit trace it only calls forward.
+        if global_hooks() or own_hooks(self) or own_hooks(self.__dict__["_convrewrite_original"]) \
+                or self._compiled_call_impl is not None or torch._C._get_tracing_state():
+            return super().__call__(*args, **kwargs)
+        return self._dispatch(args, kwargs)
+
     def forward(self, *args, **kwargs):
-        original = self.original
-        if _has_root_hooks(original):  # hooks on the root run only through its own __call__
-            return original(*args, **kwargs)
-        flat = self._flat(args, kwargs)
+        if has_hooks(self.original):  # hooks on the root run only through its own __call__
+            return self.original(*args, **kwargs)
+        return self._dispatch(args, kwargs)
+
+    def _dispatch(self, args: tuple, kwargs: dict):
+        """Run the specialisation for these arguments (the hot path: it reads __dict__ directly)."""
+        d = self.__dict__
+        original = d["_convrewrite_original"]
+        flat = args if not kwargs and len(args) == d["_convrewrite_arity"] else self._flat(args, kwargs)
         if flat is None:
             return original(*args, **kwargs)
-        spec, output = self._specialization(flat)
-        if output is not _NOT_RUN:
-            return output
-        # forward, not __call__: there are no hooks to run (checked above), and this is the hot path
+        spec = d["_state"].specs.get(self._key(flat))
+        if spec is None or spec.watched and spec.stale():
+            if torch.compiler.is_compiling() or torch._C._get_tracing_state():  # no specialising inside a trace
+                return original(*args, **kwargs)
+            spec, output = self._specialization(flat)
+            if output is not _NOT_RUN:
+                return output
+        # forward, not __call__: the root has no hooks (checked by the caller)
         return spec.gm.forward(*flat) if spec.gm is not None else original.forward(*args, **kwargs)
 
     # -- specialisation ---------------------------------------------------------------------
@@ -157,8 +177,14 @@ class ConvRewriteModule(nn.Module):
         return self.__dict__["_convrewrite_signature"]
 
     def _key(self, flat: tuple) -> tuple:
-        flags = tuple(m.training for m in self.__dict__["_convrewrite_inlined"])
-        return (torch.is_grad_enabled(), flags, tuple(_value_key(v) for v in flat))
+        """Grad mode, the inlined modules' training flags and each argument's key. Written for
+        speed: it runs on every call, and one tensor argument and one inlined module (the root)
+        is the common case (the forms differ in length, so their keys cannot collide)."""
+        inlined = self.__dict__["_convrewrite_inlined"]
+        flags = inlined[0].training if len(inlined) == 1 else tuple(map(_training, inlined))
+        if len(flat) == 1 and type(v := flat[0]) is torch.Tensor:
+            return (_grad_enabled(), flags, v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
+        return (_grad_enabled(), flags, *map(_value_key, flat))
 
     def _specialization(self, flat: tuple):
         state, key = self._state, self._key(flat)
@@ -305,12 +331,6 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
         return root.get_submodule(path)
     except AttributeError:
         return None
-
-
-def _has_root_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-                or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks)
 
 
 _NOT_RUN = object()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 import convrewrite
 from convrewrite.forms import unregister_form
@@ -356,6 +357,37 @@ def test_hooks_run(model_and_table):
         model.register_forward_pre_hook(lambda m, i: calls.append(1))  # on the root
         torch.testing.assert_close(opt(x), model(x))
         assert len(calls) == 2
+
+
+def test_hooks_on_the_optimized_module_and_global_hooks_run_once(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    calls = []
+    with torch.no_grad():
+        opt(x)
+        own = opt.register_forward_hook(lambda m, i, o: calls.append("own"))
+        every = nn_module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+        try:
+            torch.testing.assert_close(opt(x), model(x))
+        finally:
+            own.remove()
+            every.remove()
+    assert calls.count("own") == 1 and calls.count("ConvRewriteModule") == 1
+
+
+@pytest.mark.parametrize("trace", ["torch.compile", "Module.compile", "jit.trace"])
+def test_traced_or_compiled_first_calls_run_the_original(trace):
+    model, x = nn.Sequential(nn.Conv1d(4, 4, 1), nn.ReLU()), torch.randn(2, 4, 6)
+    opt = convrewrite.optimize(model)
+    if trace == "torch.compile":
+        run = torch.compile(opt, backend="eager")
+    elif trace == "Module.compile":
+        opt.compile(backend="eager")
+        run = opt
+    else:
+        run = torch.jit.trace(opt, x, check_trace=False)  # the check would call opt outside the trace
+    torch.testing.assert_close(run(x), model(x))
+    assert opt.report is None  # nothing was specialised inside the trace
 
 
 def test_parametrized_weights_give_no_warning_and_train():

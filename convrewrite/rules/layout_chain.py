@@ -26,7 +26,8 @@ from ..capture import info
 from ..forms.layout_chain import ORIGINAL
 from ..spec import ChainSpec
 from . import Site
-from .pointwise_conv import FLOAT_DTYPES, FUNCTIONS, conv_call_args, has_hooks, runs_own_forward
+from ..hooks import has_hooks
+from .pointwise_conv import FLOAT_DTYPES, FUNCTIONS, conv_call_args, runs_own_forward
 
 PATTERN = "layout chain"
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..capture import info
 from ..forms.channel_mix import ORIGINAL
+from ..hooks import has_hooks
 from ..spec import ChannelMixSpec
 from . import Site
 
@@ -109,12 +110,6 @@ def runs_own_forward(mod: nn.Module) -> bool:
     """Does ``mod`` run the forward of the torch.nn class it derives from (no override)?"""
     base = next((c for c in type(mod).__mro__ if c.__module__.startswith("torch.nn.modules")), None)
     return base is not None and type(mod).forward is base.forward
-
-
-def has_hooks(mod: nn.Module) -> bool:
-    from torch.nn.modules import module as m
-    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks
-                or m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
 
 
 def _ntuple(v, n: int) -> tuple[int, ...]:
