@@ -35,7 +35,7 @@ def test_a_rewrite_that_is_slower_in_place_is_reverted(table, check_times):
         torch.testing.assert_close(opt(X), model(X))
         assert opt.graph_module(X) is None  # the original runs
     assert len(report) == 2 and not report.rewritten
-    assert all("1.50x slower" in s.note for s in report)
+    assert all("1.50x the time" in s.note for s in report)
     assert "1.500 ms rewritten, 1.000 ms as written" in report.note
 
 
@@ -46,6 +46,29 @@ def test_a_rewrite_that_is_faster_in_place_is_kept_and_reported(table):
         report = opt.specialize(X)
     assert [s.chosen for s in report] == ["matmul", "matmul"]
     assert "1.000 ms rewritten, 2.000 ms as written" in report.note
+
+
+def test_a_tie_within_the_margin_keeps_the_original(table, check_times):
+    check_times.result = {"original": 1e-3, "rewritten": 0.99e-3}
+    with torch.no_grad():
+        report = convrewrite.explain(stack().eval(), X, table=table)
+    assert not report.rewritten and "0.99x the time" in report.sites[0].note
+
+
+def test_close_graphs_are_timed_again_with_more_rounds(table, check_times, monkeypatch):
+    seen = []
+
+    def timed(fns, rounds, **kwargs):
+        seen.append(rounds)
+        return check_times(fns, **kwargs)
+
+    monkeypatch.setattr(check, "time_callables", timed)
+    for result, expected in [({"original": 1.1e-3, "rewritten": 1e-3}, [1, check.ROUNDS, 3 * check.ROUNDS]),
+                             ({"original": 2e-3, "rewritten": 1e-3}, [1, check.ROUNDS])]:  # 1: the clear-win look
+        check_times.result, seen[:] = result, []
+        with torch.no_grad():
+            assert convrewrite.explain(stack().eval(), X, table=table).rewritten
+        assert seen == expected
 
 
 def test_a_graph_that_fails_to_run_keeps_the_original(table, check_times):
