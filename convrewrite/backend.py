@@ -5,23 +5,35 @@ Registered through the ``torch_dynamo_backends`` entry point, so the name resolv
 ``node.meta["example_value"]``; :func:`annotate_from_meta` turns them into the annotations
 the rules read, the pass rewrites the graph, and an inner compiler (inductor by default)
 compiles the result. Sites with symbolic sizes are left alone, so the pass adds no guards.
+
+Each site's choice comes from figures of the site alone, and inductor fuses across sites, so
+with ``check`` (the default) the graph as dynamo gave it is compiled too (and, for inductor,
+once more with ``conv_1x1_as_mm``), every compiled graph is timed on copies of the example
+inputs, and the fastest runs; inductor's own compile wins ties.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import threading
 from typing import Callable
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from .capture import META, TensorInfo
+from .check import compiled_times, fastest
 from .options import Options
 from .passes import rewrite
+from .rules.pointwise_conv import PATTERN as POINTWISE
 
 log = logging.getLogger(__name__)
 INNER = ("inductor", "eager")
+REWRITTEN = "rewritten"
+CONV_1X1_AS_MM = {"conv_1x1_as_mm": True}
 
 
 def annotate_from_meta(gm: fx.GraphModule) -> None:
@@ -50,15 +62,75 @@ def parse_options(options: dict | None) -> tuple[Options, Callable | str]:
 
 
 def convrewrite_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """Rewrite pointwise convs in a dynamo graph, then compile it with the inner compiler."""
+    """Rewrite a dynamo graph, compile it with the inner compiler, and (with ``check``) run the
+    fastest of it and the graph as dynamo gave it (also with inductor's 1x1-as-mm lowering)."""
     pass_options, inner = parse_options(options)
     annotate_from_meta(gm)
+    original = _graph_copy(gm) if pass_options.check else None
     report = rewrite(gm, pass_options, executor="inductor" if inner == "inductor" else "eager")
-    log.info("%s", report)
+    variants = _variants(original, gm, report, inner, pass_options.check)
+    compiled = {name: _compile(inner, graph, example_inputs, mode, patches) for name, (graph, patches) in variants.items()}
+    if len(compiled) == 1:
+        log.info("%s", report)
+        return next(iter(compiled.values()))
+    params = {id(p): p for p in (*example_inputs, *gm.parameters()) if isinstance(p, nn.Parameter) and p.requires_grad}
+    return FastestCompiled(compiled, report, list(params.values()))
+
+
+class FastestCompiled:
+    """Runs the fastest of several compiled graphs of one dynamo graph, timed side by side on
+    (copies of) the first call's inputs: at run time, not inside dynamo's compile, where a
+    backward that aot_autograd compiles on first use cannot be compiled. The first name wins
+    ties. ``report``: the pass's report, with the times and the choice once made."""
+
+    def __init__(self, compiled: dict[str, Callable], report, params: list):
+        self.compiled, self.report, self._params = compiled, report, params
+        self._run = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *args):
+        if self._run is None:
+            with self._lock:
+                if self._run is None:
+                    self._run = self.compiled[self._choose(args)]
+        return self._run(*args)
+
+    def _choose(self, args) -> str:
+        times = compiled_times(self.compiled, list(args), self._params)
+        chosen = fastest(times) if times else next(iter(self.compiled))
+        self.report = self.report.noted("compiled graphs on these inputs: " + ", ".join(
+            f"{name} {t * 1e3:.3f} ms" for name, t in times.items()) + f"; runs {chosen}")
+        if chosen != REWRITTEN and self.report.rewritten:
+            self.report = self.report.kept_original(f"kept original: {chosen} ran faster")
+        log.info("%s", self.report)
+        return chosen
+
+
+def _variants(original: fx.GraphModule, rewritten: fx.GraphModule, report, inner, check: bool) -> dict:
+    """The graphs to compile, name -> (graph, inductor config patches), the one to run on a
+    tie first. Without ``check`` only the rewritten graph; with it the graph as dynamo gave
+    it too, and for inductor that graph with 1x1 convs lowered to matmuls where there are
+    pointwise convs (the setting that is often, not always, faster)."""
+    if not check:
+        return {REWRITTEN: (rewritten, {})}
+    variants = {"original": (original, {})}
+    if inner == "inductor" and any(s.pattern == POINTWISE for s in report):
+        variants["original-1x1mm"] = (_graph_copy(original), CONV_1X1_AS_MM)
+    if report.rewritten:
+        variants[REWRITTEN] = (rewritten, {})
+    return variants
+
+
+def _compile(inner, gm: fx.GraphModule, example_inputs, mode: str | None, patches: dict) -> Callable:
     if inner == "eager":
         return gm.forward
     if inner == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+        return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}), **patches})
     return inner(gm, example_inputs)
+
+
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph (compilers may change the graph they get)."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))

@@ -18,6 +18,7 @@ graph, the rewrite has won without a contest: a loop lifted to one conv is not r
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -41,44 +42,71 @@ def whole_graph_times(original: fx.GraphModule, rewritten: fx.GraphModule, model
     ``annotated_s``: how long annotating ``original`` on ``flat`` took."""
     leaves = pytree.tree_map_only(torch.Tensor, _copy, flat)
     params = [p for p in model.parameters() if p.requires_grad]
-    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves(flat)
-                      if isinstance(t, torch.Tensor) and t.is_cuda})
-    fns = {"original": _step(original, leaves, params), "rewritten": _step(rewritten, leaves, params)}
+    fns = {"original": _step(original.forward, leaves, params), "rewritten": _step(rewritten.forward, leaves, params)}
     floor = annotated_s - INTERPRETER_S * len(original.graph.nodes)  # the original takes at least this
-    with _buffers_swapped(model), torch.random.fork_rng(devices=devices):
+    with _buffers_swapped(model), torch.random.fork_rng(devices=_cuda_devices(flat)):
         once = time_callables({"rewritten": fns["rewritten"]}, rounds=1, block_s=0)
         if once and floor > CLEAR_WIN * once["rewritten"]:
             return {"original": floor, **once}
-        times = time_callables(fns, rounds=ROUNDS, block_s=BLOCK_S)
-        if len(times) == 2 and max(times.values()) < CLOSE * min(times.values()):
-            times = time_callables(fns, rounds=3 * ROUNDS, block_s=BLOCK_S)
-        return times
+        return _side_by_side(fns)
+
+
+def compiled_times(fns: dict[str, Callable], example_inputs: list, params: list[torch.Tensor]) -> dict[str, float]:
+    """Seconds per call of each compiled graph on ``example_inputs`` (dynamo's flat list:
+    parameters, buffers and the user's inputs), timed side by side. Parameters are only read,
+    so they are shared; every other tensor is copied, so buffers and inputs written in place
+    (BatchNorm's statistics) are left as they were; the RNG state is restored."""
+    leaves = [t if isinstance(t, nn.Parameter) or not isinstance(t, torch.Tensor) else _copy(t) for t in example_inputs]
+    with torch.random.fork_rng(devices=_cuda_devices(example_inputs)):
+        return _side_by_side({name: _step(fn, leaves, params) for name, fn in fns.items()})
 
 
 def rewrite_wins(times: dict[str, float]) -> bool:
     """Whether the rewritten graph beat the original by :data:`MARGIN`."""
-    return times["rewritten"] * MARGIN <= times["original"]
+    return fastest(times) == "rewritten"
+
+
+def fastest(times: dict[str, float]) -> str:
+    """The fastest candidate if it beat ``"original"`` by :data:`MARGIN` (or the original did
+    not run), else ``"original"``."""
+    best = min(times, key=times.get, default="original")
+    return best if times[best] * MARGIN <= times.get("original", float("inf")) else "original"
+
+
+def _side_by_side(fns: dict[str, Callable]) -> dict[str, float]:
+    times = time_callables(fns, rounds=ROUNDS, block_s=BLOCK_S)
+    if len(times) > 1 and max(times.values()) < CLOSE * min(times.values()):
+        times = time_callables(fns, rounds=3 * ROUNDS, block_s=BLOCK_S)
+    return times
+
+
+def _cuda_devices(values) -> list[int]:
+    return sorted({t.device.index or 0 for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor) and t.is_cuda})
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone(memory_format=torch.preserve_format).requires_grad_(t.requires_grad)
 
 
-def _step(gm: fx.GraphModule, leaves: tuple, params: list[torch.Tensor]):
+def _step(run: Callable, leaves, params: list[torch.Tensor]):
     """One call as the user's is made: forward, plus backward to what requires grad if
     autograd records (gradients returned, never accumulated into ``.grad``). An input that
     requires grad reaches the graph as a non-leaf (as the user's usually is), so the
     model may write into it."""
     if not torch.is_grad_enabled():
-        return lambda: gm.forward(*leaves)
-    wrt = params + [t for t in pytree.tree_leaves(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        return lambda: run(*leaves)
+    wrt = params + [t for t in pytree.tree_leaves(leaves) if _input_with_grad(t)]
 
     def forward_backward():
-        inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.requires_grad else t, leaves)
-        outs = [o for o in pytree.tree_leaves(gm.forward(*inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
+        inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if _input_with_grad(t) else t, leaves)
+        outs = [o for o in pytree.tree_leaves(run(*inputs)) if isinstance(o, torch.Tensor) and o.requires_grad]
         if outs and wrt:
             torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
     return forward_backward
+
+
+def _input_with_grad(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad and not isinstance(t, nn.Parameter)
 
 
 @contextlib.contextmanager

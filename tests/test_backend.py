@@ -1,5 +1,6 @@
 """torch.compile(backend="convrewrite"): entry point, options, rewritten graphs, training, dynamic shapes."""
 
+import copy
 import subprocess
 import sys
 
@@ -38,14 +39,20 @@ def table_forcing(fake_table, model, x, form):
 
 
 class Recorder:
-    """An inner compiler that keeps the graphs it is given and runs them eagerly."""
+    """An inner compiler that keeps the graphs it is given, runs them eagerly and records
+    which of them ran (by index)."""
 
     def __init__(self):
-        self.graphs = []
+        self.graphs, self.ran = [], []
 
     def __call__(self, gm, example_inputs):
         self.graphs.append(gm)
-        return gm.forward
+        index = len(self.graphs) - 1
+
+        def run(*args):
+            self.ran.append(index)
+            return gm.forward(*args)
+        return run
 
 
 def test_backend_name_resolves_through_the_entry_point_without_import():
@@ -73,8 +80,8 @@ def test_graph_is_rewritten_before_the_inner_compiler(fake_table):
     table = table_forcing(fake_table, model, x, "matmul")
     compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(table)})
     torch.testing.assert_close(compiled(x), model(x))
-    (gm,) = recorder.graphs
-    assert [c.form.name for c in site_calls(gm)] == ["matmul", "matmul"]
+    original, gm = recorder.graphs  # the check compiles the graph as dynamo gave it too
+    assert not site_calls(original) and [c.form.name for c in site_calls(gm)] == ["matmul", "matmul"]
     convs = [n for n in gm.graph.nodes if n.target is torch.conv1d]
     assert len(convs) == 1  # the k=3 conv stays
 
@@ -126,6 +133,55 @@ def test_layout_chains_in_dynamo_graphs(make, shape, tmp_path):
     recorder = Recorder()
     compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(tmp_path / "t.json")})
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
-    (gm,) = recorder.graphs
+    _, gm = recorder.graphs
     assert [c.form.name for c in site_calls(gm)] == [form]
     assert not [n for n in gm.graph.nodes if n.target in ("permute", "transpose", torch.permute, torch.transpose)]
+
+
+@pytest.mark.parametrize("winner, runs", [("rewritten", 1), ("original", 0)])
+def test_the_fastest_compiled_graph_runs(fake_table, check_times, winner, runs):
+    model, x = stack(), torch.randn(4, 8, 32)
+    table = table_forcing(fake_table, model, x, "matmul")
+    check_times.result = {"original": 2e-3, "rewritten": 1e-3} if winner == "rewritten" else \
+        {"original": 1e-3, "rewritten": 1.01e-3}  # within the margin: the original
+    recorder = Recorder()
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(table)})
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), model(x))
+    assert recorder.ran[-2:] == [runs, runs]
+
+
+def test_check_false_compiles_the_rewritten_graph_alone(fake_table):
+    model, x = stack(), torch.randn(4, 8, 32)
+    recorder = Recorder()
+    table = table_forcing(fake_table, model, x, "matmul")
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(table), "check": False})
+    torch.testing.assert_close(compiled(x), model(x))
+    (gm,) = recorder.graphs
+    assert len(site_calls(gm)) == 2
+
+
+def test_under_inductor_the_1x1_as_mm_setting_is_a_candidate(check_times, caplog):
+    check_times.result = {"original": 2e-3, "original-1x1mm": 1e-3, "rewritten": 1.5e-3}
+    model, x = stack(), torch.randn(2, 8, 16)
+    compiled = torch.compile(model, backend="convrewrite", options={"forms": ("matmul",), "measure": False})
+    with caplog.at_level("INFO", logger="convrewrite.backend"), torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert "runs original-1x1mm" in caplog.text
+
+
+def test_timing_compiled_graphs_leaves_buffers_and_random_streams_as_one_call_would(fake_table, caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(8, 8, 1), nn.BatchNorm1d(8), nn.Dropout(0.5))
+    x = torch.randn(4, 8, 16)
+    table = table_forcing(fake_table, model, x, "matmul")  # runs the model once
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": "eager", "table": str(table)})
+    torch.manual_seed(1)
+    with caplog.at_level("INFO", logger="convrewrite.backend"):
+        out = compiled(x)
+    assert "compiled graphs on these inputs" in caplog.text
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, twin(x))
+    for b, r in zip(model.buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(b, r)
