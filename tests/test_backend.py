@@ -143,7 +143,7 @@ def test_the_fastest_compiled_graph_runs(fake_table, check_times, winner, runs):
     model, x = stack(), torch.randn(4, 8, 32)
     table = table_forcing(fake_table, model, x, "matmul")
     check_times.result = {"original": 2e-3, "rewritten": 1e-3} if winner == "rewritten" else \
-        {"original": 1e-3, "rewritten": 1.01e-3}  # within the margin: the original
+        {"original": 1e-3, "rewritten": 0.98e-3}  # within the margin: the original
     recorder = Recorder()
     compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(table)})
     for _ in range(3):
