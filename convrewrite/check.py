@@ -4,11 +4,12 @@ Each site's form is chosen from figures of the site alone. Inside a model its ne
 change the picture (what stays in cache, the layout the next op reads), so a choice that
 wins alone can lose in place: a specialisation keeps its rewrites only if the whole rewritten
 graph, timed against the graph as captured, is faster by a margin (graphs within noise of
-each other are timed again, longer). Both run on copies of the real
-inputs (a model may write into its input), forward and, when autograd records, backward to
-the parameters; buffers (BatchNorm's running statistics) are swapped for copies and the
-random number streams restored afterwards, so checking leaves no trace on the user's model
-(not even a version bump on a buffer the user's own first output saved for its backward).
+each other are timed again, longer). The backend does the same with compiled graphs
+(:func:`compiled_times`). Both run on copies of the real inputs (a model may write into its
+input), forward and, when autograd records, backward to the parameters; buffers (BatchNorm's
+running statistics) are swapped for copies and the random number streams restored
+afterwards, so checking leaves no trace on the user's model (not even a version bump on a
+buffer the user's own first output saved for its backward).
 
 Where the captured graph's annotating run alone (forward only, less a generous allowance per
 node for the interpreter) took ``CLEAR_WIN`` times longer than one call of the rewritten

@@ -18,10 +18,10 @@ import torch.fx as fx
 
 from ..capture import OPAQUE, ROOT, SECONDS, info
 from ..forms.conv import ORIGINAL
+from ..hooks import has_hooks
 from ..lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
 from ..measure import time_callables, time_once
 from . import Site
-from ..hooks import has_hooks
 from .pointwise_conv import FLOAT_DTYPES
 
 PATTERN, UNLIFTED = "conv loop", "untraced code"

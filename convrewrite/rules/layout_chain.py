@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from ..capture import info
 from ..forms.layout_chain import ORIGINAL
+from ..hooks import has_hooks
 from ..spec import ChainSpec
 from . import Site
-from ..hooks import has_hooks
 from .pointwise_conv import FLOAT_DTYPES, FUNCTIONS, conv_call_args, runs_own_forward
 
 PATTERN = "layout chain"
