@@ -25,14 +25,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import META, TensorInfo
-from .check import compiled_times, fastest
+from .check import ORIGINAL, REWRITTEN, compiled_times, fastest
 from .options import Options
 from .passes import rewrite
 from .rules.pointwise_conv import PATTERN as POINTWISE
 
 log = logging.getLogger(__name__)
 INNER = ("inductor", "eager")
-REWRITTEN = "rewritten"
 CONV_1X1_AS_MM = {"conv_1x1_as_mm": True}
 
 
@@ -80,8 +79,8 @@ def convrewrite_backend(gm: fx.GraphModule, example_inputs, options: dict | None
 class FastestCompiled:
     """Runs the fastest of several compiled graphs of one dynamo graph, timed side by side on
     (copies of) the first call's inputs: at run time, not inside dynamo's compile, where a
-    backward that aot_autograd compiles on first use cannot be compiled. The first name wins
-    ties. ``report``: the pass's report, with the times and the choice once made."""
+    backward that aot_autograd compiles on first use cannot be compiled. The graph as dynamo
+    gave it runs unless another is faster by the check's margin. ``report``: the pass's report, with the times and the choice once made."""
 
     def __init__(self, compiled: dict[str, Callable], report, params: list):
         self.compiled, self.report, self._params = compiled, report, params
@@ -97,7 +96,7 @@ class FastestCompiled:
 
     def _choose(self, args) -> str:
         times = compiled_times(self.compiled, list(args), self._params)
-        chosen = fastest(times) if times else next(iter(self.compiled))
+        chosen = fastest(times)
         self.report = self.report.noted("compiled graphs on these inputs: " + ", ".join(
             f"{name} {t * 1e3:.3f} ms" for name, t in times.items()) + f"; runs {chosen}")
         if chosen != REWRITTEN and self.report.rewritten:
@@ -107,15 +106,14 @@ class FastestCompiled:
 
 
 def _variants(original: fx.GraphModule, rewritten: fx.GraphModule, report, inner, check: bool) -> dict:
-    """The graphs to compile, name -> (graph, inductor config patches), the one to run on a
-    tie first. Without ``check`` only the rewritten graph; with it the graph as dynamo gave
+    """The graphs to compile, name -> (graph, inductor config patches). Without ``check`` only the rewritten graph; with it the graph as dynamo gave
     it too, and for inductor that graph with 1x1 convs lowered to matmuls where there are
     pointwise convs (the setting that is often, not always, faster)."""
     if not check:
         return {REWRITTEN: (rewritten, {})}
-    variants = {"original": (original, {})}
+    variants = {ORIGINAL: (original, {})}
     if inner == "inductor" and any(s.pattern == POINTWISE for s in report):
-        variants["original-1x1mm"] = (_graph_copy(original), CONV_1X1_AS_MM)
+        variants[f"{ORIGINAL}-1x1mm"] = (_graph_copy(original), CONV_1X1_AS_MM)
     if report.rewritten:
         variants[REWRITTEN] = (rewritten, {})
     return variants

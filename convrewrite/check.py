@@ -33,6 +33,7 @@ BLOCK_S = 0.005
 CLEAR_WIN = 3.0
 MARGIN = 1.05  # a candidate must beat the original by this much: whole-graph timings here vary by about 5%
 CLOSE = 1.15  # two graphs closer than this are timed again, with more rounds, before one is picked
+ORIGINAL, REWRITTEN = "original", "rewritten"  # candidate names: the graph as written, and rewritten
 INTERPRETER_S = 1e-4  # per node: more than fx.Interpreter adds to a node's own time
 
 
@@ -43,12 +44,12 @@ def whole_graph_times(original: fx.GraphModule, rewritten: fx.GraphModule, model
     ``annotated_s``: how long annotating ``original`` on ``flat`` took."""
     leaves = pytree.tree_map_only(torch.Tensor, _copy, flat)
     params = [p for p in model.parameters() if p.requires_grad]
-    fns = {"original": _step(original.forward, leaves, params), "rewritten": _step(rewritten.forward, leaves, params)}
+    fns = {ORIGINAL: _step(original.forward, leaves, params), REWRITTEN: _step(rewritten.forward, leaves, params)}
     floor = annotated_s - INTERPRETER_S * len(original.graph.nodes)  # the original takes at least this
     with _buffers_swapped(model), torch.random.fork_rng(devices=_cuda_devices(flat)):
-        once = time_callables({"rewritten": fns["rewritten"]}, rounds=1, block_s=0)
-        if once and floor > CLEAR_WIN * once["rewritten"]:
-            return {"original": floor, **once}
+        once = time_callables({REWRITTEN: fns[REWRITTEN]}, rounds=1, block_s=0)
+        if once and floor > CLEAR_WIN * once[REWRITTEN]:
+            return {ORIGINAL: floor, **once}
         return _side_by_side(fns)
 
 
@@ -64,14 +65,14 @@ def compiled_times(fns: dict[str, Callable], example_inputs: list, params: list[
 
 def rewrite_wins(times: dict[str, float]) -> bool:
     """Whether the rewritten graph beat the original by :data:`MARGIN`."""
-    return fastest(times) == "rewritten"
+    return fastest(times) == REWRITTEN
 
 
 def fastest(times: dict[str, float]) -> str:
-    """The fastest candidate if it beat ``"original"`` by :data:`MARGIN` (or the original did
-    not run), else ``"original"``."""
-    best = min(times, key=times.get, default="original")
-    return best if times[best] * MARGIN <= times.get("original", float("inf")) else "original"
+    """The fastest candidate if it beat :data:`ORIGINAL` by :data:`MARGIN` (or the original did
+    not run), else :data:`ORIGINAL` (also when nothing ran)."""
+    best = min(times, key=times.get, default=ORIGINAL)
+    return best if times.get(best, 0.0) * MARGIN <= times.get(ORIGINAL, float("inf")) else ORIGINAL
 
 
 def _side_by_side(fns: dict[str, Callable]) -> dict[str, float]:

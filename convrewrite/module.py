@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import ROOT, CaptureError, annotate, capture, opaque_root
-from .check import rewrite_wins, whole_graph_times
+from .check import ORIGINAL, REWRITTEN, rewrite_wins, whole_graph_times
 from .hooks import global_hooks, has_hooks, own_hooks
 from .options import Options
 from .passes import rewrite
@@ -240,7 +240,7 @@ class ConvRewriteModule(nn.Module):
         times = whole_graph_times(_sharing_graph_module(traced, self.original), gm, self.original, flat, annotated_s)
         if len(times) < 2:
             return report.kept_original("kept original: the whole-graph check could not run both graphs")
-        old, new = times["original"], times["rewritten"]
+        old, new = times[ORIGINAL], times[REWRITTEN]
         line = f"whole graph on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms as written"
         if not rewrite_wins(times):
             return report.kept_original(f"kept original: the rewritten graph ran {new / old:.2f}x the time").noted(line)
