@@ -5,7 +5,8 @@ The code is run, never read, so any spelling works:
 
 1. Shrink: input sizes above ``KEEP`` run as distinct small primes, in order (a 100x100
    per-pixel loop runs 17x17 iterations); the weight's sizes are kept. Sizes the code rejects
-   are retried larger, up to the real ones.
+   are retried larger, up to the real ones. Code whose sizes are fixed (a graph of unrolled
+   loops) runs at its real sizes only.
 2. Probe (float64): data = element ids 1..n, weight = one-hot at one tap; each output then
    holds the id of the one data element that tap reads for it, or 0.
 3. Fit: data index ``j = A i + B k + c`` (output index ``i``, tap ``k``) in exact integers;
@@ -64,14 +65,16 @@ class Lifted:
     b: str | None
 
 
-def lift(run: Run, operands: list[Operand], y_shape: tuple[int, ...], **spec_fields) -> Lifted:
+def lift(run: Run, operands: list[Operand], y_shape: tuple[int, ...], *, shrink: bool = True,
+         **spec_fields) -> Lifted:
     """The convolution ``run`` computes from ``operands`` (output ``y_shape``), proven equal;
-    ``spec_fields`` (dtype, device, grad, ...) go into the spec. Raises :class:`NotLiftable`."""
+    ``shrink=False`` analyses it at the real sizes only; ``spec_fields`` (dtype, device, grad,
+    ...) go into the spec. Raises :class:`NotLiftable`."""
     reasons = []
     with torch.random.fork_rng(devices=[]), _default_dtype(torch.float64), torch.no_grad():
         for x, w, b in _role_candidates(operands):
             try:
-                return _lift_as(run, operands, y_shape, x, w, b, spec_fields)
+                return _lift_as(run, operands, y_shape, x, w, b, shrink, spec_fields)
             except NotPolynomial:
                 raise
             except NotLiftable as e:
@@ -89,25 +92,27 @@ def _role_candidates(operands: list[Operand]):
                 yield x, w, b
 
 
-def _lift_as(run, operands, y_shape, x, w, b, spec_fields) -> Lifted:
-    small, small_y, dtype = _small_problem(run, operands, x, w)
+def _lift_as(run, operands, y_shape, x, w, b, shrink, spec_fields) -> Lifted:
+    small, small_y, dtype = _small_problem(run, operands, x, w, shrink)
     probes = _probe(run, small, x, w)
     fit = _fit(probes, small[x.name], small[w.name], small_y)
     bias = b is not None
     lifted = Lifted(_spec(fit, x.shape, w.shape, y_shape, bias, spec_fields), x.name, w.name, b and b.name)
     exact = _EXACT.get(dtype, 0)
     _prove(run, lifted, _spec(fit, small[x.name], small[w.name], small_y, bias, spec_fields), small, exact, checked=True)
-    _prove(run, lifted, lifted.spec, {o.name: o.shape for o in operands}, exact, checked=False)
+    real = {o.name: o.shape for o in operands}
+    if small != real:
+        _prove(run, lifted, lifted.spec, real, exact, checked=False)
     return lifted
 
 
 # -- 1. shrink ------------------------------------------------------------------------------
-def _small_problem(run, operands, x, w) -> tuple[dict, tuple, torch.dtype]:
-    """Operand shapes to probe at (the smallest the code accepts), and the output's shape and
-    dtype there (float32 if the code casts float64 data)."""
+def _small_problem(run, operands, x, w, shrink) -> tuple[dict, tuple, torch.dtype]:
+    """Operand shapes to probe at (the smallest the code accepts, if ``shrink``), and the
+    output's shape and dtype there (float32 if the code casts float64 data)."""
     pinned = {s for o in operands if not o.shrinkable or o is w for s in o.shape}
     large = sorted({s for o in operands if o.shrinkable and o is not w for s in o.shape} - pinned)
-    large = [s for s in large if s > KEEP]
+    large = [s for s in large if s > KEEP and shrink]
     floors = (KEEP, 2 * max(pinned, default=0) + 1)
     tried = set()
     for floor in (*floors, math.inf):
@@ -297,7 +302,7 @@ def _prove(run, lifted: Lifted, spec: ConvSpec, shapes: dict, exact: int, *, che
 
 
 # -- running the code -----------------------------------------------------------------------
-_POLYNOMIAL_OPS = frozenset("""
+POLYNOMIAL_OPS = frozenset("""
     add add_ sub sub_ mul mul_ neg neg_ sum cumsum mm bmm addmm baddbmm addbmm dot mv matmul
     select slice narrow index index_select gather take unbind split split_with_sizes chunk
     view _unsafe_view reshape _reshape_alias expand expand_as permute transpose t unsqueeze squeeze
@@ -310,11 +315,11 @@ _POLYNOMIAL_OPS = frozenset("""
 
 
 class _PolynomialOnly(TorchDispatchMode):
-    """Raises NotPolynomial on any op outside ``_POLYNOMIAL_OPS``: comparisons, nonlinearities,
+    """Raises NotPolynomial on any op outside ``POLYNOMIAL_OPS``: comparisons, nonlinearities,
     random numbers, and the scalar reads (``.item()``, ``if tensor``) of data-dependent control flow."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in _POLYNOMIAL_OPS:
+        if func.overloadpacket.__name__ not in POLYNOMIAL_OPS:
             raise NotPolynomial(f"runs {func.overloadpacket.__name__}, which is not a polynomial op")
         return func(*args, **(kwargs or {}))
 

@@ -45,7 +45,10 @@ def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Re
                 rows.append(SiteReport(site.path, site.pattern, "-", AS_WRITTEN, AS_WRITTEN, site.source_seconds,
                                        None, NONE, site.note))
                 continue
-            site = dataclasses.replace(_follow(site, replaced), spec=dataclasses.replace(site.spec, executor=executor))
+            # a lifted loop becomes one conv op, which inductor runs as an extern kernel: its
+            # forms are timed eagerly, as the code they replace was
+            run_by = "eager" if site.source_seconds is not None else executor
+            site = dataclasses.replace(_follow(site, replaced), spec=dataclasses.replace(site.spec, executor=run_by))
             rows.append(_rewrite_site(gm, site, f"convrewrite_site{len(rows)}", options, replaced, choices))
     gm.graph.lint()
     gm.recompile()

@@ -87,10 +87,11 @@ def _read_attribute(graph: fx.Graph, path: str) -> fx.Node:
 
 
 def emit(gm: fx.GraphModule, site: Site, form: Form, name: str) -> fx.Node:
-    """Replace ``site.node`` by a call of ``form`` named ``name`` in the graph's code; return
-    the new node."""
+    """Replace ``site.node`` by a call of ``form`` named ``name`` in the graph's code, placed
+    after the last of the site's nodes (a region of unrolled code may keep writing to its
+    output after making it); return the new node."""
     graph = gm.graph
-    with graph.inserting_before(site.node):
+    with graph.inserting_before(max((site.node, *site.nodes)).next):
         params = tuple(_read_attribute(graph, v) if isinstance(v, str) else v for v in site.params)
         new = graph.call_function(SiteCall(form, site.spec, name), (site.x, *params))
     new.meta.update(site.node.meta)

@@ -6,6 +6,9 @@ the modules ``capture`` left opaque, the root included. Each is analysed as a fu
 tensor inputs, parameters and buffers at the input signature's sizes. Left as written, with
 the reason in the report: modules with hooks, non-float or more than ``MAX_OPERANDS`` tensors,
 arguments that are neither tensors nor fixed, and code that is not shown to be a convolution.
+
+Code that did trace, unrolled (dynamo unrolls every loop), is found as :mod:`regions` of
+the graph and analysed at its fixed sizes; a region that is not a convolution is not a site.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import weakref
 import torch
 import torch.fx as fx
 
+from .. import regions
 from ..capture import OPAQUE, ROOT, SECONDS, info
 from ..forms.conv import ORIGINAL
 from ..hooks import has_hooks
@@ -30,34 +34,63 @@ ONE_CALL_ENOUGH = 0.02  # seconds: one warm call of code this slow is figure eno
 
 
 def find(gm: fx.GraphModule):
-    """Yield a :class:`Site` for every opaque module call in ``gm``; those that cannot be
-    lifted have no spec, and a note that says why."""
+    """Yield a :class:`Site` for every opaque module call in ``gm`` (those that cannot be
+    lifted have no spec, and a note that says why), and one for every region of unrolled
+    code in ``gm`` that is shown to be a convolution."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and OPAQUE in node.meta:
-            yield _site(gm, node)
+            yield _module_site(gm, node)
+    claimed = set()
+    for region in regions.candidates(gm):
+        site = None if claimed.intersection(region.nodes) else _region_site(gm, region)
+        if site is not None:
+            claimed.update(region.nodes)
+            yield site
 
 
-def _site(gm: fx.GraphModule, node: fx.Node) -> Site:
+def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site:
     path = "" if node.target == ROOT else node.target
+    module = gm.get_submodule(node.target)
     try:
-        x, params, spec, seconds = _lift(gm.get_submodule(node.target), node)
+        if has_hooks(module):
+            raise NotLiftable("has hooks")
+        lifted, spec, seconds = _lift(module, dict(enumerate(node.args)) | node.kwargs, info(node),
+                                      node.meta.get(SECONDS))
     except NotLiftable as e:
         return Site(node, None, (), None, ORIGINAL, UNLIFTED, path, note=f"left as written: {e}",
                     source_seconds=node.meta.get(SECONDS))
-    return Site(node, x, params, spec, ORIGINAL, PATTERN, path, note="lifted from Python code",
+    args = _tensor_args(dict(enumerate(node.args)) | node.kwargs)
+    weights = tuple(None if n is None else args.get(n, f"{node.target}.{n}") for n in (lifted.w, lifted.b))
+    return Site(node, args[lifted.x], weights, spec, ORIGINAL, PATTERN, path, note="lifted from Python code",
                 source_seconds=seconds)
 
 
-def _lift(module: torch.nn.Module, node: fx.Node):
-    """(data node, (weight, bias) as nodes or attribute paths, spec, seconds the code takes),
-    or NotLiftable."""
-    out = info(node)
+def _region_site(gm: fx.GraphModule, region: regions.Region) -> Site | None:
+    """A site replacing the region's nodes, or None if they are not shown to be a convolution
+    (code that is not a convolution is not reported: it is not a site)."""
+    module, inputs = regions.as_module(gm, region)
+    try:
+        lifted, spec, seconds = _lift(module, dict(enumerate(inputs)), info(region.output), None, shrink=False)
+    except NotLiftable:
+        return None
+    args = _tensor_args(dict(enumerate(inputs)))
+    weights = tuple(args.get(n) for n in (lifted.w, lifted.b))
+    rest = tuple(n for n in region.nodes if n is not region.output)
+    return Site(region.output, args[lifted.x], weights, spec, ORIGINAL, PATTERN, regions.path(region), rest,
+                note=f"lifted from {len(region.nodes)} ops of unrolled code", source_seconds=seconds)
+
+
+def _tensor_args(args: dict) -> dict:
+    """Operand name -> node, for the arguments that are graph nodes."""
+    return {f"arg:{k}": v for k, v in args.items() if isinstance(v, fx.Node)}
+
+
+def _lift(module: torch.nn.Module, args: dict, out, seconds: float | None, *, shrink: bool = True):
+    """(lifted roles, spec, seconds the code takes) of ``module`` called on ``args`` (graph
+    nodes and constants) returning ``out``, or NotLiftable."""
     if out is None:
         raise NotLiftable("does not return one tensor")
-    if has_hooks(module):
-        raise NotLiftable("has hooks")
-    args = dict(enumerate(node.args)) | node.kwargs
-    tensors = {f"arg:{k}": v for k, v in args.items() if isinstance(v, fx.Node)}
+    tensors = _tensor_args(args)
     if any(info(v) is None for v in tensors.values()):
         raise NotLiftable("takes an argument that is not a tensor")
     state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
@@ -69,18 +102,17 @@ def _lift(module: torch.nn.Module, node: fx.Node):
         raise NotLiftable(f"reads {len(shapes)} tensors (a convolution reads data, weight and bias)")
     operands = [Operand(n, tuple(s), n in tensors) for n, s in shapes.items()]
     run = _runner(module, args, state)
-    lifted, seconds = _cached_lift(module, args, run, operands, out, node.meta.get(SECONDS))
+    lifted, seconds = _cached_lift(module, args, run, operands, out, seconds, shrink)
     if info(tensors[lifted.x]).dtype != out.dtype:
         raise NotLiftable("returns another dtype than its data")
-    spec = dataclasses.replace(lifted.spec, input_grad=info(tensors[lifted.x]).requires_grad)
-    return tensors[lifted.x], tuple(_reference(node, tensors, n) for n in (lifted.w, lifted.b)), spec, seconds
+    return lifted, dataclasses.replace(lifted.spec, input_grad=info(tensors[lifted.x]).requires_grad), seconds
 
 
 _ANALYSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {what it was analysed for: result}
 
 
 def _cached_lift(module: torch.nn.Module, args: dict, run, operands: list[Operand], out,
-                 seconds: float | None) -> tuple[Lifted, float]:
+                 seconds: float | None, shrink: bool) -> tuple[Lifted, float]:
     """``lift`` (and the code's time: ``seconds`` of its first call, retimed if short) once per
     module, code, settings and signature: optimize() again does not repeat the analysis."""
     key = (_code_state(module), tuple(operands), out.shape, out.dtype, out.requires_grad,
@@ -88,7 +120,7 @@ def _cached_lift(module: torch.nn.Module, args: dict, run, operands: list[Operan
     results = _ANALYSED.setdefault(module, {})
     if key not in results:
         try:
-            lifted = lift(run, operands, out.shape, dtype=str(out.dtype).removeprefix("torch."),
+            lifted = lift(run, operands, out.shape, shrink=shrink, dtype=str(out.dtype).removeprefix("torch."),
                           device=out.device.type, grad=out.requires_grad)
             if seconds is None or seconds < RETIME_BELOW:
                 seconds = _time_source(run, operands, lifted.spec)
@@ -106,13 +138,6 @@ def _code_state(module: torch.nn.Module) -> tuple:
     return tuple((name, getattr(m.forward, "__func__", m.forward), m.training,
                   tuple((k, repr(v)) for k, v in sorted(vars(m).items()) if not k.startswith("_")))
                  for name, m in module.named_modules())
-
-
-def _reference(node: fx.Node, tensors: dict, name: str | None):
-    """An operand as the emitted call reads it: its graph node, or its attribute path."""
-    if name is None or name in tensors:
-        return tensors.get(name)
-    return f"{node.target}.{name}"
 
 
 def _time_source(run, operands: list[Operand], spec) -> float:

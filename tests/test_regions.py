@@ -1,0 +1,115 @@
+"""Regions of unrolled code in dynamo graphs: what is a candidate for lifting, and what is not."""
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn as nn
+
+from convrewrite import regions
+from convrewrite.backend import annotate_from_meta
+from tests import loops
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def dynamo_regions(model, *inputs) -> tuple[list[regions.Region], torch.fx.GraphModule]:
+    """The candidate regions of ``model``'s (one) dynamo graph."""
+    found = []
+
+    def backend(gm, example_inputs):
+        annotate_from_meta(gm)
+        found.append((regions.candidates(gm), gm))
+        return gm.forward
+
+    torch.compile(model, backend=backend)(*inputs)
+    (result,) = found
+    return result
+
+
+def names(nodes) -> list[str]:
+    return [n.name for n in nodes]
+
+
+class Residual(nn.Module):
+    """A tap loop under a residual add and a scale, in the parent's code."""
+
+    def __init__(self):
+        super().__init__()
+        self.taps = loops.TapLoop(4, 5)
+
+    def forward(self, x):
+        return x + 0.5 * self.taps(x)
+
+
+class WritesItsInput(loops.TapLoop):
+    """A tap loop that also scales its input in place."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        x.mul_(2)
+        return y
+
+
+class ReadsBeforeDone(nn.Module):
+    """Reads its output buffer (through a ReLU) between two writes to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        out = torch.zeros_like(x)
+        out[..., 1:] = self.w[0] * x[..., :-1]
+        seen = torch.relu(out)
+        out[..., :-1] += self.w[1] * x[..., 1:]
+        return out, seen
+
+
+def test_a_tap_loop_is_one_region_of_its_data_and_weight():
+    model = loops.TapLoop(4, 5)
+    (region,), gm = dynamo_regions(model, torch.randn(2, 4, 30))
+    assert sorted(names(region.inputs)) == ["l_self_parameters_w_", "l_x_"]
+    assert region.output is list(gm.graph.nodes)[-1].args[0][0]
+    # the per-tap slices of the weight are in it, though the partitioner takes them for a tuple's
+    assert sum(n.target.__name__ == "getitem" for n in region.nodes) == 10
+
+
+def test_a_per_pixel_loop_writing_into_a_buffer_is_one_region_ending_in_the_buffer():
+    (region,), _ = dynamo_regions(loops.PerPixel(), torch.randn(1, 1, 5, 5))
+    assert region.output.target is torch.zeros
+    assert len(region.nodes) == 2 + 4 * 25  # pad, zeros, and slice, multiply, sum, write per pixel
+
+
+def test_a_loop_module_under_parent_ops_is_also_a_region_of_its_own():
+    found, _ = dynamo_regions(Residual(), torch.randn(2, 4, 30))
+    whole, part = found
+    assert len(part.nodes) < len(whole.nodes) and set(part.nodes) < set(whole.nodes)
+    assert regions.path(part).startswith("taps:")
+
+
+@pytest.mark.parametrize("model", [WritesItsInput(3, 2), ReadsBeforeDone()])
+def test_code_that_writes_to_its_inputs_or_reads_a_half_written_buffer_is_not_a_region(model):
+    found, _ = dynamo_regions(model, torch.randn(2, 3, 8))
+    assert found == []
+
+
+def test_integer_data_and_huge_tensors_are_not_regions(monkeypatch):
+    assert dynamo_regions(loops.TapLoop(4, 5), torch.randint(0, 9, (2, 4, 30)))[0] == []
+    torch._dynamo.reset()
+    monkeypatch.setattr(regions, "MAX_ELEMENTS", 2 * 4 * 30 - 1)
+    assert dynamo_regions(loops.TapLoop(4, 5), torch.randn(2, 4, 30))[0] == []
+
+
+def test_as_module_computes_what_the_region_does_and_leaves_the_graph_alone():
+    model, x = loops.PerPixel(), torch.randn(1, 1, 5, 5)
+    (region,), gm = dynamo_regions(model, x)
+    before = str(gm.graph)
+    module, inputs = regions.as_module(gm, region)
+    values = {"l_x_": x, "l_self_parameters_weight_": model.weight}
+    torch.testing.assert_close(module(*(values[n.name] for n in inputs)), model(x))
+    assert str(gm.graph) == before
