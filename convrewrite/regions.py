@@ -69,7 +69,7 @@ def path(region: Region) -> str:
     """Where the region is, for reports: its output's module path (as dynamo or fx names it)
     and node name."""
     stack = list(region.output.meta.get("nn_module_stack", {}).values())
-    module = re.sub(r"^L\['self'\]\.?", "", stack[-1][0]) if stack else ""
+    module = re.sub(r"^L\['\w+'\]\.?", "", stack[-1][0]) if stack else ""  # dynamo's name for the root
     return f"{module}:{region.output.name}" if module else region.output.name
 
 

@@ -1,6 +1,7 @@
 """torch.compile(backend="convrewrite"): entry point, options, rewritten graphs, training, dynamic shapes."""
 
 import copy
+import operator
 import subprocess
 import sys
 
@@ -16,8 +17,10 @@ from convrewrite.rewrite import site_calls
 from convrewrite.rules import find_sites
 from convrewrite.table import CostTable, fingerprint
 
+from . import loops
 from .helpers import assert_same_outputs_and_grads
 from .rules.test_layout_chain import ConvFFN, ConvNeXtBlock, Seed000
+from .test_regions import Residual
 
 
 @pytest.fixture(autouse=True)
@@ -185,3 +188,47 @@ def test_timing_compiled_graphs_leaves_buffers_and_random_streams_as_one_call_wo
     torch.testing.assert_close(out, twin(x))
     for b, r in zip(model.buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(b, r)
+
+
+def loop_table(fake_table, model, x):
+    """A table where every conv form of ``model``'s lifted loop takes 1 ns."""
+    specs = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            gm = capture(model)
+            annotate(gm, (x.detach().requires_grad_(grad),))
+            specs += [s.spec for s in find_sites(gm) if s.spec is not None]
+    return str(fake_table(specs, original_time=1e-9))
+
+
+def test_a_long_unrolled_loop_becomes_one_conv_and_is_not_compiled_as_written(fake_table, caplog):
+    model, x = loops.PerPixel(), torch.randn(1, 1, 9, 9)  # 326 ops once unrolled
+    recorder = Recorder()
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": loop_table(fake_table, model, x)})
+    with caplog.at_level("INFO", logger="convrewrite.backend"):
+        assert_same_outputs_and_grads(model, compiled, x)
+    (gm,) = recorder.graphs
+    (call,) = site_calls(gm)
+    assert call.spec.kind == "conv" and not [n for n in gm.graph.nodes if n.target is operator.setitem]
+    assert "is not compiled: 325 ops of unrolled loops became convolutions" in caplog.text
+
+
+def test_a_short_unrolled_loop_is_compiled_both_ways_and_the_faster_runs(fake_table):
+    model, x = loops.TapLoop(), torch.randn(2, 4, 30)
+    recorder = Recorder()
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": loop_table(fake_table, model, x)})
+    assert_same_outputs_and_grads(model, compiled, x)
+    original, rewritten = recorder.graphs
+    assert not site_calls(original) and len(site_calls(rewritten)) == 1
+    assert recorder.ran[-1] == 1
+
+
+def test_a_loop_under_a_residual_add_is_lifted_inside_the_model(fake_table):
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), Residual())
+    x = torch.randn(2, 4, 30)
+    recorder = Recorder()
+    table = loop_table(fake_table, model[1].taps, x)
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": table})
+    assert_same_outputs_and_grads(model, compiled, x)
+    _, rewritten = recorder.graphs
+    assert sorted(c.spec.kind for c in site_calls(rewritten)) == ["channel_mix", "conv"]

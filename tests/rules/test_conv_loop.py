@@ -3,9 +3,12 @@ gradients and shared parameters), reported and left as written where not."""
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn as nn
+import torch.nn.functional as F
 
 import convrewrite
+from convrewrite.backend import annotate_from_meta
 from convrewrite.capture import annotate, capture
 from convrewrite.rules import conv_loop
 from tests import loops
@@ -141,3 +144,74 @@ def test_the_analysis_is_reused_across_optimize_calls_until_the_code_changes(opt
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x))
     assert "stride=(2, 2)" in opt.report.sites[0].shape
+
+
+# -- unrolled loops in graphs --------------------------------------------------------------
+def graph_sites(model, *inputs):
+    """The conv-loop sites the rule finds in ``model``'s dynamo graphs (under no_grad)."""
+    sites = []
+
+    def backend(gm, example_inputs):
+        annotate_from_meta(gm)
+        sites.extend(conv_loop.find(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*inputs)
+    torch._dynamo.reset()
+    return sites
+
+
+@pytest.mark.parametrize("model, inputs", [
+    (loops.PerPixel(), (torch.randn(1, 1, 6, 6),)),
+    (loops.FullConvolve(), (torch.randn(5, 9), torch.randn(5, 4))),
+    (loops.UnfoldMulSum(stride=2, padding=1), (torch.randn(2, 3, 9, 9),)),
+    (loops.UnfoldMatmul(), (torch.randn(2, 3, 8, 8),)),
+    (loops.TapLoop(causal=False), (torch.randn(2, 4, 30),)),
+    (loops.ChannelsLastTaps(), (torch.randn(2, 11, 3),)),
+])
+def test_a_loop_dynamo_unrolled_lifts_to_the_convolution_its_module_computes(model, inputs):
+    (site,) = graph_sites(model, *inputs)
+    from_module = loop_specs(model, *inputs)[0]  # under no_grad
+    assert site.spec.key() == from_module.key()
+    assert site.pattern == conv_loop.PATTERN and "ops of unrolled code" in site.note
+
+
+@pytest.mark.parametrize("model, x", [
+    (loops.OuterProduct(), torch.randn(3, 4)),
+    (loops.Scaled(), torch.randn(2, 4, 30)),
+    (loops.DataDependent(), torch.randn(2, 4, 30)),
+])
+def test_unrolled_code_that_is_not_a_convolution_is_not_a_site(model, x):
+    assert graph_sites(model, x) == []
+
+
+class FixedTaps(nn.Module):
+    """A tap loop over Python ints (a fixed length), which ``symbolic_trace`` unrolls."""
+
+    def __init__(self, channels=4, k=5, length=30):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(channels, k))
+        self.k, self.length = k, length
+
+    def forward(self, x):
+        xpad = F.pad(x, (self.k - 1, 0))
+        y = 0
+        for t in range(self.k):
+            y = y + self.w[:, t:t + 1] * xpad[..., t:t + self.length]
+        return torch.relu(y)
+
+
+def test_a_loop_that_traced_is_lifted_by_optimize(fake_table):
+    model, x = FixedTaps(), torch.randn(2, 4, 30)
+    specs = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            gm = capture(model)
+            annotate(gm, (x,))
+            specs += [s.spec for s in conv_loop.find(gm)]
+    opt = convrewrite.optimize(model, table=fake_table(specs, original_time=1e-9))
+    assert_same_outputs_and_grads(model, opt, x)
+    (row,) = opt.report.rewritten
+    assert row.pattern == conv_loop.PATTERN and "groups=4" in row.shape
