@@ -47,13 +47,14 @@ def candidates(gm: fx.GraphModule) -> list[Region]:
     """The regions of ``gm`` that could be a convolution: each partition of polynomial ops,
     followed by its parts that ran inside one submodule, outermost first (a loop module
     under a residual add or a scale is a convolution, the partition with them is not)."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    sequence = list(gm.graph.nodes)
+    order = {node: i for i, node in enumerate(sequence)}
     support = create_op_support(lambda _, node: _name(node) in _OPS)
     partitions = CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True).propose_partitions()
     found = []
     for partition in sorted(partitions, key=lambda p: min(map(order.__getitem__, p.nodes))):
         for part in (set(partition.nodes), *_module_parts(partition.nodes)):
-            region = _region(sorted(_with_feeders(part), key=order.__getitem__), order)
+            region = _region(sorted(_with_feeders(part), key=order.__getitem__), order, sequence)
             if region is not None and region.nodes not in (r.nodes for r in found):
                 found.append(region)
     return found
@@ -101,12 +102,12 @@ def _with_feeders(inside: set) -> set:
         inside |= feeders
 
 
-def _region(nodes: list[fx.Node], order: dict) -> Region | None:
+def _region(nodes: list[fx.Node], order: dict, sequence: list) -> Region | None:
     inside = set(nodes)
     names = {_name(n) for n in nodes}
-    if not validate_partition(nodes):  # a submodule's part may not be
-        return None
     if not names & _PRODUCTS or not names & _WINDOWS:
+        return None
+    if not validate_partition(nodes):  # a submodule's part may not be acyclic
         return None
     inputs = tuple(dict.fromkeys(i for n in nodes for i in n.all_input_nodes if i not in inside))
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
@@ -115,10 +116,12 @@ def _region(nodes: list[fx.Node], order: dict) -> Region | None:
     (output,) = outputs
     if not all(_small_float(info(v)) for v in (*inputs, output)):
         return None
-    last = order[nodes[-1]]
+    first, last = order[nodes[0]], order[nodes[-1]]
     if any(order[u] < last for u in output.users if u not in inside):  # read before all writes are done
         return None
     if any(_writes(n) and _root(n.args[0]) not in inside for n in nodes):  # writes to a tensor it did not make
+        return None
+    if any(_writes(n) for n in sequence[first:last] if n not in inside):  # its inputs may change meanwhile
         return None
     return Region(tuple(nodes), inputs, output)
 

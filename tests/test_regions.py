@@ -55,6 +55,19 @@ class WritesItsInput(loops.TapLoop):
         return y
 
 
+class ChangesItsInputMidway(nn.Module):
+    """Two taps with an in-place ReLU of the data between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        y = self.w[0] * x[..., :-1]
+        x.relu_()
+        return y + self.w[1] * x[..., 1:]
+
+
 class ReadsBeforeDone(nn.Module):
     """Reads its output buffer (through a ReLU) between two writes to it."""
 
@@ -92,7 +105,7 @@ def test_a_loop_module_under_parent_ops_is_also_a_region_of_its_own():
     assert regions.path(part).startswith("taps:")
 
 
-@pytest.mark.parametrize("model", [WritesItsInput(3, 2), ReadsBeforeDone()])
+@pytest.mark.parametrize("model", [WritesItsInput(3, 2), ChangesItsInputMidway(), ReadsBeforeDone()])
 def test_code_that_writes_to_its_inputs_or_reads_a_half_written_buffer_is_not_a_region(model):
     found, _ = dynamo_regions(model, torch.randn(2, 3, 8))
     assert found == []

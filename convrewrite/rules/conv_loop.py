@@ -50,18 +50,17 @@ def find(gm: fx.GraphModule):
 
 def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site:
     path = "" if node.target == ROOT else node.target
-    module = gm.get_submodule(node.target)
+    module, args = gm.get_submodule(node.target), dict(enumerate(node.args)) | node.kwargs
     try:
         if has_hooks(module):
             raise NotLiftable("has hooks")
-        lifted, spec, seconds = _lift(module, dict(enumerate(node.args)) | node.kwargs, info(node),
-                                      node.meta.get(SECONDS))
+        lifted, spec, seconds = _lift(module, args, info(node), node.meta.get(SECONDS))
     except NotLiftable as e:
         return Site(node, None, (), None, ORIGINAL, UNLIFTED, path, note=f"left as written: {e}",
                     source_seconds=node.meta.get(SECONDS))
-    args = _tensor_args(dict(enumerate(node.args)) | node.kwargs)
-    weights = tuple(None if n is None else args.get(n, f"{node.target}.{n}") for n in (lifted.w, lifted.b))
-    return Site(node, args[lifted.x], weights, spec, ORIGINAL, PATTERN, path, note="lifted from Python code",
+    tensors = _tensor_args(args)
+    weights = tuple(None if n is None else tensors.get(n, f"{node.target}.{n}") for n in (lifted.w, lifted.b))
+    return Site(node, tensors[lifted.x], weights, spec, ORIGINAL, PATTERN, path, note="lifted from Python code",
                 source_seconds=seconds)
 
 
@@ -69,15 +68,16 @@ def _region_site(gm: fx.GraphModule, region: regions.Region) -> Site | None:
     """A site replacing the region's nodes, or None if they are not shown to be a convolution
     (code that is not a convolution is not reported: it is not a site)."""
     module, inputs = regions.as_module(gm, region)
+    args = dict(enumerate(inputs))
     try:
-        lifted, spec, seconds = _lift(module, dict(enumerate(inputs)), info(region.output), None, shrink=False)
-    except NotLiftable:
+        lifted, spec, seconds = _lift(module, args, info(region.output), None, shrink=False)
+    except Exception:  # NotLiftable, or the graph's ops failing on the analysis's float64 probes
         return None
-    args = _tensor_args(dict(enumerate(inputs)))
-    weights = tuple(args.get(n) for n in (lifted.w, lifted.b))
+    tensors = _tensor_args(args)
     rest = tuple(n for n in region.nodes if n is not region.output)
-    return Site(region.output, args[lifted.x], weights, spec, ORIGINAL, PATTERN, regions.path(region), rest,
-                note=f"lifted from {len(region.nodes)} ops of unrolled code", source_seconds=seconds)
+    return Site(region.output, tensors[lifted.x], (tensors.get(lifted.w), tensors.get(lifted.b)), spec, ORIGINAL,
+                PATTERN, regions.path(region), rest, note=f"lifted from {len(region.nodes)} ops of unrolled code",
+                source_seconds=seconds)
 
 
 def _tensor_args(args: dict) -> dict:
