@@ -375,6 +375,26 @@ def test_hooks_on_the_optimized_module_and_global_hooks_run_once(model_and_table
     assert calls.count("own") == 1 and calls.count("ConvRewriteModule") == 1
 
 
+class GeneralDispatch(Exception):
+    pass
+
+
+def general_dispatch(*args):
+    raise GeneralDispatch
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_one_tensor_call_after_the_first_is_dispatched_without_the_general_path(model_and_table, monkeypatch, grad):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    with torch.set_grad_enabled(grad):
+        opt(x)
+        monkeypatch.setattr(type(opt), "_dispatch", general_dispatch)
+        torch.testing.assert_close(opt(x), model(x))
+        with pytest.raises(GeneralDispatch):  # a new signature goes the general way
+            opt(x[:2])
+
+
 @pytest.mark.parametrize("trace", ["torch.compile", "Module.compile", "jit.trace"])
 def test_traced_or_compiled_first_calls_run_the_original(trace):
     model, x = nn.Sequential(nn.Conv1d(4, 4, 1), nn.ReLU()), torch.randn(2, 4, 6)
