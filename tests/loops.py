@@ -144,3 +144,35 @@ class DataDependent(TapLoop):
     def forward(self, x):
         y = super().forward(x)
         return y if x[0, 0, 0] > 0 else -y
+
+
+class MultiChannelPerPixel(nn.Module):
+    """A per-pixel loop over batch and channels at once, with a bias: a 3x3 'same' conv."""
+
+    def __init__(self, cin=3, cout=5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+        self.bias = nn.Parameter(torch.randn(cout))
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        padded = F.pad(x, (1, 1, 1, 1))
+        out = x.new_zeros(n, self.weight.shape[0], h, w)
+        for i in range(h):
+            for j in range(w):
+                out[:, :, i, j] = (padded[:, :, i:i + 3, j:j + 3].unsqueeze(1) * self.weight).sum((2, 3, 4)) + self.bias
+        return out
+
+
+class StackedWindows(nn.Module):
+    """Windows stacked from slices, then one einsum: a 'valid' conv1d over [B, C, L]."""
+
+    def __init__(self, cin=6, cout=4, k=3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k))
+
+    def forward(self, x):
+        k = self.weight.shape[-1]
+        length = x.shape[-1] - k + 1
+        windows = torch.stack([x[..., t:t + length] for t in range(k)], -1)
+        return torch.einsum("bclk,ock->bol", windows, self.weight)

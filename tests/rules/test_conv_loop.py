@@ -178,6 +178,18 @@ def test_a_loop_dynamo_unrolled_lifts_to_the_convolution_its_module_computes(mod
     assert site.pattern == conv_loop.PATTERN and "ops of unrolled code" in site.note
 
 
+@pytest.mark.parametrize("model, x, spec", [
+    (loops.MultiChannelPerPixel(), torch.randn(2, 3, 5, 5), "conv2d [2, 3, 5, 5] * [5, 3, 3, 3] -> [2, 5, 5, 5] float32"),
+    (loops.StackedWindows(), torch.randn(2, 6, 20), "conv1d [2, 6, 20] * [4, 6, 3] -> [2, 4, 18] float32"),
+])
+def test_other_spellings_dynamo_unrolled_are_lifted_with_equal_outputs_and_gradients(model, x, spec):
+    (site,) = graph_sites(model, x)
+    assert site.spec.describe() == spec
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": "eager"})
+    assert_same_outputs_and_grads(model, compiled, x)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("model, x", [
     (loops.OuterProduct(), torch.randn(3, 4)),
     (loops.Scaled(), torch.randn(2, 4, 30)),
