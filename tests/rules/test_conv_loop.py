@@ -217,13 +217,7 @@ class FixedTaps(nn.Module):
 
 def test_a_loop_that_traced_is_lifted_by_optimize(fake_table):
     model, x = FixedTaps(), torch.randn(2, 4, 30)
-    specs = []
-    for grad in (False, True):
-        with torch.set_grad_enabled(grad):
-            gm = capture(model)
-            annotate(gm, (x,))
-            specs += [s.spec for s in conv_loop.find(gm)]
-    opt = convrewrite.optimize(model, table=fake_table(specs, original_time=1e-9))
+    opt = convrewrite.optimize(model, table=fake_table(loop_specs(model, x), original_time=1e-9))
     assert_same_outputs_and_grads(model, opt, x)
     (row,) = opt.report.rewritten
     assert row.pattern == conv_loop.PATTERN and "groups=4" in row.shape
