@@ -81,8 +81,9 @@ def convrewrite_backend(gm: fx.GraphModule, example_inputs, options: dict | None
     variants = _variants(original, gm, report, inner)
     compiled = {name: _compile(inner, graph, example_inputs, mode, patches) for name, (graph, patches) in variants.items()}
     if len(compiled) == 1:
-        log.info("%s", report)
-        return next(iter(compiled.values()))
+        (name, fn), = compiled.items()
+        log.info("%s", report.running(name))
+        return fn
     params = {id(p): p for p in (*example_inputs, *gm.parameters()) if isinstance(p, nn.Parameter) and p.requires_grad}
     return FastestCompiled(compiled, report, list(params.values()))
 
@@ -109,7 +110,7 @@ class FastestCompiled:
         times = compiled_times(self.compiled, list(args), self._params)
         chosen = fastest(times)
         self.report = self.report.noted("compiled graphs on these inputs: " + ", ".join(
-            f"{name} {t * 1e3:.3f} ms" for name, t in times.items()) + f"; runs {chosen}")
+            f"{name} {t * 1e3:.3f} ms" for name, t in times.items())).running(chosen)
         if chosen != REWRITTEN and self.report.rewritten:
             self.report = self.report.kept_original(f"kept original: {chosen} ran faster")
         log.info("%s", self.report)

@@ -36,6 +36,7 @@ class Report:
     sites: tuple[SiteReport, ...] = ()
     signature: str = ""
     note: str = ""
+    ran: str = ""  # under the backend: which compiled graph runs (original, original-1x1mm, rewritten)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -46,6 +47,10 @@ class Report:
         sites = tuple(dataclasses.replace(s, chosen=s.original, note=why) if s.chosen != s.original else s
                       for s in self.sites)
         return dataclasses.replace(self, sites=sites)
+
+    def running(self, graph: str) -> "Report":
+        """This report, saying the backend runs compiled ``graph``."""
+        return dataclasses.replace(self, ran=graph)
 
     def noted(self, line: str) -> "Report":
         """This report with ``line`` added to its note."""
@@ -60,6 +65,7 @@ class Report:
     def __str__(self) -> str:
         head = f"convrewrite: {len(self.rewritten)} of {len(self.sites)} site(s) rewritten"
         head += f" for {self.signature}" if self.signature else ""
+        head += f"; runs the {self.ran} graph" if self.ran else ""
         if self.note:
             head += f"\n{self.note}"
         if not self.sites:

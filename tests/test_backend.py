@@ -143,16 +143,18 @@ def test_layout_chains_in_dynamo_graphs(make, shape, tmp_path):
 
 
 @pytest.mark.parametrize("winner, runs", [("rewritten", 1), ("original", 0)])
-def test_the_fastest_compiled_graph_runs(fake_table, check_times, winner, runs):
+def test_the_fastest_compiled_graph_runs(fake_table, check_times, caplog, winner, runs):
     model, x = stack(), torch.randn(4, 8, 32)
     table = table_forcing(fake_table, model, x, "matmul")
     check_times.result = {"original": 2e-3, "rewritten": 1e-3} if winner == "rewritten" else \
         {"original": 1e-3, "rewritten": 0.98e-3}  # within the margin: the original
     recorder = Recorder()
     compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(table)})
-    for _ in range(3):
-        torch.testing.assert_close(compiled(x), model(x))
+    with caplog.at_level("INFO", logger="convrewrite.backend"):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x))
     assert recorder.ran[-2:] == [runs, runs]
+    assert [r.ran for r in backend_reports(caplog)] == [winner]
 
 
 def test_check_false_compiles_the_rewritten_graph_alone(fake_table):
@@ -171,7 +173,8 @@ def test_under_inductor_the_1x1_as_mm_setting_is_a_candidate(check_times, caplog
     compiled = torch.compile(model, backend="convrewrite", options={"forms": ("matmul",), "measure": False})
     with caplog.at_level("INFO", logger="convrewrite.backend"), torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
-    assert "runs original-1x1mm" in caplog.text
+    (report,) = backend_reports(caplog)
+    assert report.ran == "original-1x1mm" and "runs the original-1x1mm graph" in str(report)
 
 
 def test_timing_compiled_graphs_leaves_buffers_and_random_streams_as_one_call_would(fake_table, caplog):
@@ -191,6 +194,11 @@ def test_timing_compiled_graphs_leaves_buffers_and_random_streams_as_one_call_wo
         torch.testing.assert_close(b, r)
 
 
+def backend_reports(caplog) -> list:
+    """The reports the backend logged, one per compiled graph (once it chose what runs)."""
+    return [r.args[0] for r in caplog.records if r.name == "convrewrite.backend"]
+
+
 def loop_table(fake_table, model, x):
     """A table where every conv form of ``model``'s lifted loop takes 1 ns (for inputs that
     require grad in training, as the gradient checks' do)."""
@@ -207,7 +215,8 @@ def test_a_long_unrolled_loop_becomes_one_conv_and_is_not_compiled_as_written(fa
     (gm,) = recorder.graphs
     (call,) = site_calls(gm)
     assert call.spec.kind == "conv" and not [n for n in gm.graph.nodes if n.target is operator.setitem]
-    assert "is not compiled: 325 ops of unrolled loops became convolutions" in caplog.text
+    (report,) = backend_reports(caplog)
+    assert report.ran == "rewritten" and "is not compiled: 325 ops of unrolled loops became convolutions" in report.note
 
 
 def test_a_short_unrolled_loop_is_compiled_both_ways_and_the_faster_runs(fake_table):
