@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import ctypes
 import datetime
 import json
+import logging
 import math
 import os
 import platform
@@ -45,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from workloads import COMPILED, WORKLOADS  # noqa: E402
 
 HERE = Path(__file__).parent
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 README = HERE.parent / "README.md"
 HEADLINE = ("convnext-block", "pointnet", "mobilenetv2-block", "ffn-transposed", "tap-loop", "per-pixel-16")  # and every seed
 HEADLINE_MARKS = ("<!-- bench:headline -->", "<!-- /bench:headline -->")
@@ -74,6 +78,23 @@ def call(model: nn.Module, inputs: tuple, train: bool):
     return infer
 
 
+def steady_allocator() -> str:
+    """Fix glibc malloc's mmap threshold for this process; say which allocator the bench runs on.
+
+    glibc raises the threshold as the process frees large blocks, so whether an activation of
+    a few MB comes back as fresh pages (page faults on every call) depends on the process's
+    history: eager mobilenetv2-block (train) ran 90 +- 12 ms per call in one process and
+    51 +- 2 ms with the threshold fixed. Fixed, the ratios compare code, not allocator history
+    (PyTorch's CPU launcher, ``torch.backends.xeon.run_cpu``, swaps in jemalloc or tcmalloc
+    for the same reason)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fixed = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        fixed = False
+    return "glibc malloc, mmap threshold fixed at 32 MiB (mallopt)" if fixed else "the platform's default malloc"
+
+
 def first_call_seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -96,6 +117,30 @@ def forced(model: nn.Module, inputs: tuple, form: str, train: bool, tmp: Path, r
     with torch.set_grad_enabled(train):
         chosen = {s.chosen for s in optimized.specialize(*inputs)}
     return optimized if chosen == {form} else None
+
+
+class _Reports(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reports = []
+
+    def emit(self, record):
+        self.reports.append(record.args[0])
+
+
+@contextlib.contextmanager
+def backend_reports():
+    """The reports ``backend="convrewrite"`` logs meanwhile: one per compiled graph, saying
+    which compiled graph runs."""
+    logger, handler = logging.getLogger("convrewrite.backend"), _Reports()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler.reports
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def compiled_variant(model: nn.Module, name: str):
@@ -125,11 +170,14 @@ def bench_workload(workload, train: bool, args, tmp: Path) -> dict:
             candidates[f"form:{form}"] = call(variant, inputs, train)
     if workload.reference is not None:
         candidates["hand-written"] = call(workload.reference(model), inputs, train)
+    backend_ran = []
     if not args.no_compile:
         torch._dynamo.reset()
         for name in workload.compiled:
             compiled = compiled_variant(model, name)
-            first[name] = first_call_seconds(call(compiled, inputs, train))
+            with backend_reports() as reports:
+                first[name] = first_call_seconds(call(compiled, inputs, train))
+            backend_ran += [r.ran for r in reports]
             candidates[name] = call(compiled, inputs, train)
     times = time_callables(candidates, rounds=args.rounds, block_s=args.block)
     forms = {k: v for k, v in times.items() if k.startswith("form:") or k == "original"}
@@ -138,7 +186,7 @@ def bench_workload(workload, train: bool, args, tmp: Path) -> dict:
     return {"workload": workload.name, "source": workload.source, "mode": "train" if train else "infer",
             "times": times, "first_call_s": first, "chosen": [s.chosen for s in report],
             "keys": [s.key for s in report],
-            "figures": [s.source for s in report], "best": best,
+            "figures": [s.source for s in report], "best": best, "backend_ran": backend_ran,
             "optimized_vs_best": times["optimized"] / times[best],
             "optimized_vs_hand_written": times["optimized"] / times["hand-written"] if "hand-written" in times else None,
             "optimized_vs_original": times["optimized"] / times["original"],
@@ -269,6 +317,42 @@ def loops_compiled_text(results: list[dict]) -> list[str]:
             "(first call = dynamo + compile + one run):", "", tabulate(rows, head, tablefmt="github"), ""]
 
 
+def compiled_rows(results: list[dict]) -> list[dict]:
+    """Per row timed under inductor and our backend: our backend's speedup over default
+    inductor, and over the better of inductor and inductor with ``conv_1x1_as_mm``."""
+    rows = []
+    for r in (r for r in results if {"inductor", "compile-convrewrite"} <= set(r["times"])):
+        t = r["times"]
+        better = min(t["inductor"], t.get("inductor-1x1mm", math.inf))
+        rows.append({"workload": r["workload"], "mode": r["mode"], "loop": "hand-written" in t,
+                     "ran": ",".join(r.get("backend_ran", [])), "times": t,
+                     "vs_inductor": t["inductor"] / t["compile-convrewrite"], "vs_better": better / t["compile-convrewrite"]})
+    return rows
+
+
+def compiled_text(results: list[dict]) -> list[str]:
+    """``backend="convrewrite"`` against inductor's two settings on every row, with geometric means."""
+    rows = compiled_rows(results)
+    if not rows:
+        return []
+    geo = lambda xs: math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else math.nan  # noqa: E731
+    table = tabulate([(x["workload"], x["mode"], f"{x['times']['original'] * 1e3:.3f}",
+                       *(_x(x["times"]["original"] / x["times"][c]) if c in x["times"] else "-" for c in COMPILED),
+                       f"{x['vs_inductor']:.2f}", f"{x['vs_better']:.2f}", x["ran"]) for x in rows],
+                     ["workload", "mode", "eager ms", *COMPILED, "ours / inductor", "ours / better setting",
+                      "graph ours ran"], tablefmt="github")
+    below = [f"{x['workload']} {x['mode']} {x['vs_better']:.2f}" for x in rows if x["vs_better"] < 0.95]
+    plain = [x for x in rows if not x["loop"]]
+    return ["`backend=\"convrewrite\"` against inductor, default and with `conv_1x1_as_mm` (speedups over eager; "
+            "\"ours / better setting\" is the faster inductor setting's time over ours, so above 1 is faster; "
+            "\"graph ours ran\" is the compiled graph the backend chose on its first call: inductor's own compile of "
+            "the graph as dynamo gave it, the same with 1x1 convs as matmuls, or the rewritten graph):", "", table, "",
+            f"Geometric mean over {len(rows)} rows: {geo([x['vs_inductor'] for x in rows]):.2f}x default inductor, "
+            f"{geo([x['vs_better'] for x in rows]):.2f}x the better setting; without the {len(rows) - len(plain)} "
+            f"loop rows: {geo([x['vs_inductor'] for x in plain]):.2f}x and {geo([x['vs_better'] for x in plain]):.2f}x. "
+            f"Rows more than 5% slower than the better setting: {', '.join(below) or 'none'}.", ""]
+
+
 def grid_text(g: dict) -> str:
     buckets = ((1.0, 1.05), (1.05, 1.10), (1.10, 1.25), (1.25, 1.5), (1.5, 2.0), (2.0, math.inf))
     policies = {"predict (measure=False)": g["policies"]["predict"], "auto (default)": g["policies"]["auto"],
@@ -309,6 +393,7 @@ def write_results(data: dict, command: str) -> None:
         f"- date: {data['date']}",
         f"- machine: {data['machine']}",
         f"- command: `{command}`",
+        f"- allocator: {data['allocator']}; see `steady_allocator` in bench/run.py",
         "- times: `torch.utils.benchmark`, all candidates of a row in interleaved rounds, median round; "
         "ratios are speedups over the original (higher is better); `opt/best` is the optimized model's time "
         "over the fastest form's (1.00x is the oracle). `form:X` is the model with form X forced at every site. "
@@ -324,6 +409,7 @@ def write_results(data: dict, command: str) -> None:
         lines += [tabulate([(r["workload"], r["mode"], *(f"{r['first_call_s'][k]:.2f}" if k in r["first_call_s"] else "-"
                                                          for k in firsts)) for r in data["workloads"]],
                            ["workload", "mode", *firsts], tablefmt="github"), ""]
+        lines += compiled_text(data["workloads"])
         lines += loops_compiled_text(data["workloads"])
     if data.get("grid"):
         lines += ["## Choice quality on unseen shapes", "", grid_text(data["grid"]), ""]
@@ -366,7 +452,7 @@ def headline(data: dict, command: str) -> str:
     o = data["overhead"]
     return "\n".join([
         f"Speedups over the model as written (eager), on this project's machine ({data['machine']}), from "
-        f"`{command}` on {data['date'][:10]}. \"optimize / best form\" is the optimized model's time over the fastest "
+        f"`{command}` on {data['date'][:10]}, on {data['allocator']}. \"optimize / best form\" is the optimized model's time over the fastest "
         "single form forced at every site (1.00 = the oracle); \"optimize / hand-written\" compares a lifted loop "
         "with the forum's own one-op answer. The machine is shared and noisy: rows of tens of microseconds move by "
         "10-15% between runs. Inductor is not run on seed 004's 100x100 per-pixel loop (it took 130 s on a 20x20 one); "
@@ -399,11 +485,14 @@ def main(argv=None) -> int:
                    help="workload name, 'roofline', 'grid', 'crossover' or 'overhead' (repeatable)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns (inductor, our backend)")
     p.add_argument("--grid-seed", type=int, default=2026)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's adaptive mmap threshold on (noisier, history-dependent timings)")
     args = p.parse_args(argv)
-    args.rounds, args.block = (5, 0.02) if args.quick else (9, 0.05)
+    args.rounds, args.block = (11, 0.02) if args.quick else (15, 0.05)
     args.grid = 40 if args.quick else 80
     wanted = lambda name: not args.only or name in args.only  # noqa: E731
-    data = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": machine()}
+    data = {"date": datetime.datetime.now().isoformat(timespec="minutes"), "machine": machine(),
+            "allocator": "the platform's default malloc" if args.default_malloc else steady_allocator()}
     # compile times as a first compile sees them, not inductor's caches from an earlier run
     torch._inductor.config.force_disable_caches = True
     # as a fresh install: the shipped table only, and measurements kept out of the user's cache
