@@ -335,22 +335,28 @@ def compiled_text(results: list[dict]) -> list[str]:
     rows = compiled_rows(results)
     if not rows:
         return []
-    geo = lambda xs: math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else math.nan  # noqa: E731
     table = tabulate([(x["workload"], x["mode"], f"{x['times']['original'] * 1e3:.3f}",
                        *(_x(x["times"]["original"] / x["times"][c]) if c in x["times"] else "-" for c in COMPILED),
                        f"{x['vs_inductor']:.2f}", f"{x['vs_better']:.2f}", x["ran"]) for x in rows],
                      ["workload", "mode", "eager ms", *COMPILED, "ours / inductor", "ours / better setting",
                       "graph ours ran"], tablefmt="github")
-    below = [f"{x['workload']} {x['mode']} {x['vs_better']:.2f}" for x in rows if x["vs_better"] < 0.95]
-    plain = [x for x in rows if not x["loop"]]
     return ["`backend=\"convrewrite\"` against inductor, default and with `conv_1x1_as_mm` (speedups over eager; "
             "\"ours / better setting\" is the faster inductor setting's time over ours, so above 1 is faster; "
             "\"graph ours ran\" is the compiled graph the backend chose on its first call: inductor's own compile of "
             "the graph as dynamo gave it, the same with 1x1 convs as matmuls, or the rewritten graph):", "", table, "",
-            f"Geometric mean over {len(rows)} rows: {geo([x['vs_inductor'] for x in rows]):.2f}x default inductor, "
-            f"{geo([x['vs_better'] for x in rows]):.2f}x the better setting; without the {len(rows) - len(plain)} "
-            f"loop rows: {geo([x['vs_inductor'] for x in plain]):.2f}x and {geo([x['vs_better'] for x in plain]):.2f}x. "
-            f"Rows more than 5% slower than the better setting: {', '.join(below) or 'none'}.", ""]
+            compiled_summary(rows), ""]
+
+
+def compiled_summary(rows: list[dict]) -> str:
+    """Geometric means of :func:`compiled_rows` and the rows more than 5% behind the better setting."""
+    geo = lambda xs: math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else math.nan  # noqa: E731
+    below = [f"{x['workload']} {x['mode']} {x['vs_better']:.2f} (ran {x['ran']})" for x in rows if x["vs_better"] < 0.95]
+    plain = [x for x in rows if not x["loop"]]
+    return (f"`backend=\"convrewrite\"`, geometric mean over {len(rows)} rows: {geo([x['vs_inductor'] for x in rows]):.2f}x "
+            f"default inductor, {geo([x['vs_better'] for x in rows]):.2f}x the better of its two settings; without the "
+            f"{len(rows) - len(plain)} loop rows: {geo([x['vs_inductor'] for x in plain]):.2f}x and "
+            f"{geo([x['vs_better'] for x in plain]):.2f}x. Rows more than 5% slower than the better setting: "
+            f"{', '.join(below) or 'none'}.")
 
 
 def grid_text(g: dict) -> str:
@@ -452,12 +458,12 @@ def headline(data: dict, command: str) -> str:
     o = data["overhead"]
     return "\n".join([
         f"Speedups over the model as written (eager), on this project's machine ({data['machine']}), from "
-        f"`{command}` on {data['date'][:10]}, on {data['allocator']}. \"optimize / best form\" is the optimized model's time over the fastest "
-        "single form forced at every site (1.00 = the oracle); \"optimize / hand-written\" compares a lifted loop "
-        "with the forum's own one-op answer. The machine is shared and noisy: rows of tens of microseconds move by "
+        f"`{command}` on {data['date'][:10]}, on {data['allocator']}. \"optimize / best form\" is the optimized "
+        "model's time over the fastest single form forced at every site (1.00 = the oracle); \"optimize / "
+        "hand-written\" compares a lifted loop with the forum's own one-op answer. The machine is shared and noisy: rows of tens of microseconds move by "
         "10-15% between runs. Inductor is not run on seed 004's 100x100 per-pixel loop (it took 130 s on a 20x20 one); "
         "per-pixel-16 compares it with our backend.",
-        "", table, "",
+        "", table, "", compiled_summary(compiled_rows(data["workloads"])) + " Every row: bench/RESULTS.md.", "",
         f"On {data['grid']['n']} random pointwise shapes absent from the shipped table, the chosen form was within 10% "
         f"of the fastest on {auto['within_10pct']:.0%} of them with the default `measure=\"auto\"` ({auto['measured']} "
         f"measured), and on {predict['within_10pct']:.0%} from prediction alone (`measure=False`); keeping the conv "
