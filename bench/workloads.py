@@ -328,12 +328,10 @@ LOOP_WORKLOADS = [
     Workload("seed004-per-pixel", "004: per-pixel loop, [1,1,100,100] * 3x3",
              lambda: (PerPixel(), (torch.randn(1, 1, 100, 100),)),
              lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, padding=1)), compiled=("compile-convrewrite",)),
-    # inductor takes 80 s to compile it for inference (for training at 12x12: 400 s); without
-    # 1x1 convs, conv_1x1_as_mm changes nothing, so that setting is not compiled again
+    # inductor takes 80 s to compile it for inference (for training at 12x12: 400 s)
     Workload("per-pixel-16", "004's per-pixel loop on [1,1,16,16]: small enough for inductor to compile",
              lambda: (PerPixel(), (torch.randn(1, 1, 16, 16),)),
-             lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, padding=1)), train=False,
-             compiled=("inductor", "compile-convrewrite")),
+             lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, padding=1)), train=False),
     Workload("tap-loop", "loop over 9 taps: depthwise causal conv, [16,64,4000]",
              lambda: (CausalTaps(), (torch.randn(16, 64, 4000),)),
              lambda m: Reference(m, lambda m, x: F.conv1d(F.pad(x, (m.weight.shape[1] - 1, 0)), m.weight.unsqueeze(1),

@@ -59,6 +59,11 @@ class Recorder:
         return run
 
 
+def backend_reports(caplog) -> list:
+    """The reports the backend logged, one per compiled graph (once it chose what runs)."""
+    return [r.args[0] for r in caplog.records if r.name == "convrewrite.backend"]
+
+
 def test_backend_name_resolves_through_the_entry_point_without_import():
     code = ("import sys, torch, torch.nn as nn\n"
             "m = nn.Conv1d(2, 2, 1); x = torch.randn(1, 2, 3)\n"
@@ -192,11 +197,6 @@ def test_timing_compiled_graphs_leaves_buffers_and_random_streams_as_one_call_wo
     torch.testing.assert_close(out, twin(x))
     for b, r in zip(model.buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(b, r)
-
-
-def backend_reports(caplog) -> list:
-    """The reports the backend logged, one per compiled graph (once it chose what runs)."""
-    return [r.args[0] for r in caplog.records if r.name == "convrewrite.backend"]
 
 
 def loop_table(fake_table, model, x):
