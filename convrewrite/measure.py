@@ -17,12 +17,22 @@ from torch.utils import benchmark
 
 from .forms import Form
 
+_FLUSH = object()  # the flush's own entry among the timed callables: no user's name can equal it
 
-def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, block_s: float = 0.01) -> dict[str, float]:
+
+def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, block_s: float = 0.01,
+                   flush: Callable[[], object] | None = None) -> dict[str, float]:
     """Median seconds per call of each zero-argument callable, timed in interleaved rounds.
 
     A callable that raises on its warm-up call is reported with a warning and left out.
+    ``flush``, if given, runs before every call (as triton's ``do_bench`` clears the L2 cache),
+    and its own time, taken in the same rounds, is taken off.
     """
+    if flush is not None:
+        times = time_callables({**{name: _after(flush, fn) for name, fn in fns.items()}, _FLUSH: flush},
+                               rounds=rounds, block_s=block_s)
+        cost = times.pop(_FLUSH, 0.0)
+        return {name: max(t - cost, 0.0) for name, t in times.items()}
     timers = {}
     for name, fn in fns.items():
         timer = _timer(fn)
@@ -39,6 +49,13 @@ def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, blo
             timer, number = timers[name]
             samples[name].append(_block(timer, number))
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _after(first: Callable[[], object], fn: Callable[[], object]) -> Callable[[], object]:
+    def both():
+        first()
+        return fn()
+    return both
 
 
 def time_once(fn: Callable[[], object]) -> float:

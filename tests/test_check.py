@@ -156,3 +156,17 @@ def test_an_input_that_requires_grad_may_be_written_in_place(table):
     out = opt(x * 1)  # a non-leaf, as the output of an earlier layer is
     assert len(opt.report.rewritten) == 2
     torch.testing.assert_close(out, model(x * 1))
+
+
+def test_compiled_graphs_are_timed_with_the_cache_flushed_between_calls(check_times, monkeypatch):
+    seen = {}
+
+    def timed(fns, **kwargs):
+        seen.update(kwargs)
+        return check_times(fns, **kwargs)
+
+    monkeypatch.setattr(check, "time_callables", timed)
+    check_times.result = {"original": 2e-3, "rewritten": 1e-3}
+    times = check.compiled_times({"original": lambda x: x + 1, "rewritten": lambda x: x + 2}, [X], [])
+    assert times == check_times.result and callable(seen["flush"])
+    assert seen["flush"]().numel() * 4 >= check.CPU_FLUSH_BYTES  # it writes a buffer that large
