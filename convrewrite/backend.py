@@ -9,9 +9,10 @@ compiles the result. Sites with symbolic sizes are left alone, so the pass adds 
 Each site's choice comes from figures of the site alone, and inductor fuses across sites, so
 with ``check`` (the default) the graph as dynamo gave it is compiled too (and, for inductor,
 once more with ``conv_1x1_as_mm``), every compiled graph is timed on copies of the example
-inputs (with the cache flushed between calls), and the fastest runs; inductor's own compile wins ties. Where the pass turned more
-than ``UNROLLED`` ops of unrolled loops into convolutions, the graph as dynamo gave it is not
-compiled: that compile is what takes inductor minutes.
+inputs (with the cache flushed between calls), and the fastest runs; inductor's own compile
+wins ties. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
+convolutions, the graph as dynamo gave it is not compiled: that compile is what takes
+inductor minutes.
 """
 
 from __future__ import annotations
