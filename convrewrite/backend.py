@@ -9,8 +9,8 @@ compiles the result. Sites with symbolic sizes are left alone, so the pass adds 
 Each site's choice comes from figures of the site alone, and inductor fuses across sites, so
 with ``check`` (the default) the graph as dynamo gave it is compiled too (and, for inductor,
 once more with ``conv_1x1_as_mm``), every compiled graph is timed on copies of the example
-inputs (with the cache flushed between calls), and the fastest runs; inductor's own compile
-wins ties. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
+inputs (with the cache flushed between calls), and the fastest runs if it wins by the
+check's margin and by ``FRAME_S`` per call; otherwise inductor's own compile runs. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
 convolutions, the graph as dynamo gave it is not compiled: that compile is what takes
 inductor minutes.
 """
@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .capture import META, TensorInfo
-from .check import ORIGINAL, REWRITTEN, compiled_times, fastest
+from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
 from .options import Options
 from .passes import rewrite
 from .rules.conv_loop import PATTERN as LOOP
@@ -93,7 +93,8 @@ class FastestCompiled:
     """Runs the fastest of several compiled graphs of one dynamo graph, timed side by side on
     (copies of) the first call's inputs: at run time, not inside dynamo's compile, where a
     backward that aot_autograd compiles on first use cannot be compiled. The graph as dynamo
-    gave it runs unless another is faster by the check's margin. ``report``: the pass's report, with the times and the choice once made."""
+    gave it runs unless another is faster by the check's margin and by ``FRAME_S`` per call.
+    ``report``: the pass's report, with the times and the choice once made."""
 
     def __init__(self, compiled: dict[str, Callable], report, params: list):
         self.compiled, self.report, self._params = compiled, report, params
@@ -109,7 +110,7 @@ class FastestCompiled:
 
     def _choose(self, args) -> str:
         times = compiled_times(self.compiled, list(args), self._params)
-        chosen = fastest(times)
+        chosen = fastest(times, slack_s=FRAME_S)
         self.report = self.report.noted("compiled graphs on these inputs: " + ", ".join(
             f"{name} {t * 1e3:.3f} ms" for name, t in times.items())).running(chosen)
         if chosen != REWRITTEN and self.report.rewritten:

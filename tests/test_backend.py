@@ -147,12 +147,15 @@ def test_layout_chains_in_dynamo_graphs(make, shape, tmp_path):
     assert not [n for n in gm.graph.nodes if n.target in ("permute", "transpose", torch.permute, torch.transpose)]
 
 
-@pytest.mark.parametrize("winner, runs", [("rewritten", 1), ("original", 0)])
-def test_the_fastest_compiled_graph_runs(fake_table, check_times, caplog, winner, runs):
+@pytest.mark.parametrize("times, winner, runs", [
+    ({"original": 2e-3, "rewritten": 1e-3}, "rewritten", 1),
+    ({"original": 1e-3, "rewritten": 0.98e-3}, "original", 0),  # within the margin
+    ({"original": 1e-4, "rewritten": 0.9e-4}, "original", 0),  # 10% faster, but by less than FRAME_S
+])
+def test_the_fastest_compiled_graph_runs(fake_table, check_times, caplog, times, winner, runs):
     model, x = stack(), torch.randn(4, 8, 32)
     table = table_forcing(fake_table, model, x, "matmul")
-    check_times.result = {"original": 2e-3, "rewritten": 1e-3} if winner == "rewritten" else \
-        {"original": 1e-3, "rewritten": 0.98e-3}  # within the margin: the original
+    check_times.result = times
     recorder = Recorder()
     compiled = torch.compile(model, backend="convrewrite", options={"inner": recorder, "table": str(table)})
     with caplog.at_level("INFO", logger="convrewrite.backend"):

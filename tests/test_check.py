@@ -170,3 +170,9 @@ def test_compiled_graphs_are_timed_with_the_cache_flushed_between_calls(check_ti
     times = check.compiled_times({"original": lambda x: x + 1, "rewritten": lambda x: x + 2}, [X], [])
     assert times == check_times.result and callable(seen["flush"])
     assert seen["flush"]().numel() * 4 >= check.CPU_FLUSH_BYTES  # it writes a buffer that large
+
+
+@pytest.mark.parametrize("rewritten, slack_s, expected", [(0.9e-3, 0.0, "rewritten"), (0.9e-3, 5e-5, "rewritten"),
+                                                         (0.9e-3, 6e-5, "original"), (0.97e-3, 0.0, "original")])
+def test_a_candidate_must_win_by_the_margin_and_the_slack(rewritten, slack_s, expected):
+    assert check.fastest({"original": 1e-3, "rewritten": rewritten}, slack_s=slack_s) == expected
