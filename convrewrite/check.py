@@ -11,14 +11,18 @@ running statistics) are swapped for copies and the random number streams restore
 afterwards, so checking leaves no trace on the user's model (not even a version bump on a
 buffer the user's own first output saved for its backward).
 
-Where the captured graph's annotating run alone (forward only, less a generous allowance per
-node for the interpreter) took ``CLEAR_WIN`` times longer than one call of the rewritten
-graph, the rewrite has won without a contest: a loop lifted to one conv is not run again.
+Both candidates are always timed warm and interleaved (a cold first call, lazy
+initialisation or a busy moment must not stand for either's steady state), and the original
+is what the optimized module would otherwise run: the model's own ``forward``. A first short
+round settles a clear win (``CLEAR_WIN``; a loop lifted to one conv is not run five more
+times); anything closer is timed for ``ROUNDS``, and the rewrite must win by :data:`MARGIN`
+and by more than the figures' noise (:func:`convrewrite.decide.beats`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -26,13 +30,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .measure import time_callables
+from .decide import beats
+from .measure import Timings, time_callables
 
-ROUNDS = 3
-BLOCK_S = 0.005
-CLEAR_WIN = 3.0
+ROUNDS = 9
+BLOCK_S = 0.002
+CLEAR_WIN = 3.0  # after one warm round, a candidate this much faster (or slower) needs no more rounds
 MARGIN = 1.05  # a candidate must beat the original by this much: whole-graph timings here vary by about 5%
-CLOSE = 1.15  # two graphs closer than this are timed again, with more rounds, before one is picked
 ORIGINAL, REWRITTEN = "original", "rewritten"  # candidate names: the graph as written, and rewritten
 CPU_FLUSH_BYTES = 4 << 20  # more than the L2 cache of the cores a graph runs on
 # Per call, dynamo's frame around a compiled graph cost 16-80 us on the bench's CPU, differing
@@ -40,26 +44,20 @@ CPU_FLUSH_BYTES = 4 << 20  # more than the L2 cache of the cores a graph runs on
 # kernel, 47 us around the grouped conv), which timing the graphs directly cannot see. A
 # compiled graph must beat the original by this much besides the margin.
 FRAME_S = 25e-6
-INTERPRETER_S = 1e-4  # per node: more than fx.Interpreter adds to a node's own time
 
 
-def whole_graph_times(original: fx.GraphModule, rewritten: fx.GraphModule, model: nn.Module,
-                      flat: tuple, annotated_s: float) -> dict[str, float]:
-    """Seconds per call of ``original`` and ``rewritten`` (graphs over ``model``'s parameters)
-    on copies of ``flat``, timed side by side; the model's buffers and RNG state are kept.
-    ``annotated_s``: how long annotating ``original`` on ``flat`` took."""
+def whole_graph_times(original: Callable, rewritten: fx.GraphModule, model: nn.Module, flat: tuple) -> Timings:
+    """Seconds per call of ``original`` (the model's own forward) and ``rewritten`` (a graph
+    over ``model``'s parameters) on copies of ``flat``, timed warm and side by side; the
+    model's buffers and RNG state are kept."""
     leaves = pytree.tree_map_only(torch.Tensor, _copy, flat)
     params = [p for p in model.parameters() if p.requires_grad]
-    fns = {ORIGINAL: _step(original.forward, leaves, params), REWRITTEN: _step(rewritten.forward, leaves, params)}
-    floor = annotated_s - INTERPRETER_S * len(original.graph.nodes)  # the original takes at least this
+    fns = {ORIGINAL: _step(original, leaves, params), REWRITTEN: _step(rewritten.forward, leaves, params)}
     with _buffers_swapped(model), torch.random.fork_rng(devices=_cuda_devices(flat)):
-        once = time_callables({REWRITTEN: fns[REWRITTEN]}, rounds=1, block_s=0)
-        if once and floor > CLEAR_WIN * once[REWRITTEN]:
-            return {ORIGINAL: floor, **once}
         return _side_by_side(fns)
 
 
-def compiled_times(fns: dict[str, Callable], example_inputs: list, params: list[torch.Tensor]) -> dict[str, float]:
+def compiled_times(fns: dict[str, Callable], example_inputs: list, params: list[torch.Tensor]) -> Timings:
     """Seconds per call of each compiled graph on ``example_inputs`` (dynamo's flat list:
     parameters, buffers and the user's inputs), timed side by side with the cache flushed
     before every call. Parameters are only read, so they are shared; every other tensor is
@@ -71,23 +69,28 @@ def compiled_times(fns: dict[str, Callable], example_inputs: list, params: list[
                              flush=_cache_flush(example_inputs))
 
 
-def rewrite_wins(times: dict[str, float]) -> bool:
-    """Whether the rewritten graph beat the original by :data:`MARGIN`."""
+def rewrite_wins(times: Mapping[str, float]) -> bool:
+    """Whether the rewritten graph clearly beat the original (see :func:`fastest`)."""
     return fastest(times) == REWRITTEN
 
 
-def fastest(times: dict[str, float], slack_s: float = 0.0) -> str:
-    """The fastest candidate if it beat :data:`ORIGINAL` by :data:`MARGIN` and by ``slack_s``
-    seconds more (or the original did not run), else :data:`ORIGINAL` (also when nothing ran)."""
+def fastest(times: Mapping[str, float], slack_s: float = 0.0) -> str:
+    """The fastest candidate if it :func:`~convrewrite.decide.beats` :data:`ORIGINAL` by
+    :data:`MARGIN`, the figures' noise and ``slack_s`` seconds (or the original did not run),
+    else :data:`ORIGINAL` (also when nothing ran)."""
     best = min(times, key=times.get, default=ORIGINAL)
-    return best if times.get(best, 0.0) * MARGIN + slack_s <= times.get(ORIGINAL, float("inf")) else ORIGINAL
+    if best == ORIGINAL or ORIGINAL not in times:
+        return best
+    noise = times.noise if isinstance(times, Timings) else 0.0
+    return best if beats(times[best], times[ORIGINAL], MARGIN, noise, slack_s) else ORIGINAL
 
 
-def _side_by_side(fns: dict[str, Callable], flush: Callable | None = None) -> dict[str, float]:
-    times = time_callables(fns, rounds=ROUNDS, block_s=BLOCK_S, flush=flush)
-    if len(times) > 1 and max(times.values()) < CLOSE * min(times.values()):
-        times = time_callables(fns, rounds=3 * ROUNDS, block_s=BLOCK_S, flush=flush)
-    return times
+def _side_by_side(fns: dict[str, Callable], flush: Callable | None = None) -> Timings:
+    """One warm round settles a clear win or loss; anything closer is timed for ``ROUNDS``."""
+    times = time_callables(fns, rounds=1, block_s=BLOCK_S, flush=flush)
+    if len(times) > 1 and max(times.values()) > CLEAR_WIN * min(times.values()):
+        return times
+    return time_callables(fns, rounds=ROUNDS, block_s=BLOCK_S, flush=flush)
 
 
 def _cache_flush(values) -> Callable:

@@ -1,15 +1,38 @@
-"""Time callables side by side with ``torch.utils.benchmark``, and forms on a spec's inputs.
+"""Time callables side by side, and forms on a spec's inputs, so that load cannot fool the figures.
 
-Candidates are timed in interleaved rounds (the machine is shared and noisy, so a burst of
-load hits every candidate alike), in a rotating order, and each one's figure is its median
-round. The Timer synchronises CUDA itself and runs with torch's current thread count.
+The protocol (each step answers a way figures went wrong on a shared machine):
+
+- **Warm first.** Each callable runs until two calls in a row agree within ``WARM_AGREE``
+  (at most ``WARM_CALLS``): the first calls of a new shape pay for oneDNN primitive creation,
+  weight reorders and allocations, and a cold call must never stand for the steady state.
+- **Short interleaved blocks.** Each round times a short block (``block_s``) of every
+  callable, in a rotating order, so a burst of load hits every candidate alike, and a block is
+  short enough to fit between the scheduler's preemptions of a busy core.
+- **A low quantile.** Interference only ever adds time, so each figure is the ``QUANTILE``
+  of its blocks, not their median or mean: with 2 intra-op threads and another process on a
+  core, a parallel region can wait a whole scheduler quantum (a 0.35 ms op read 4-48 ms),
+  and the blocks that escaped are the ones that tell the op's own cost.
+- **A contention signal.** While timing, the CPU time the *rest of the machine* used is read
+  from ``/proc/stat`` (less this process's own, and counting a hypervisor's steal). A figure
+  taken while others used more than ``BUSY_CORES`` of a core, or whose blocks spread more than
+  ``SPREAD_LIMIT``, is :attr:`Timings.contended`: usable for a decision now, never stored as
+  if it were clean (see :mod:`convrewrite.table`).
+
+Threads: the Timer runs with torch's current thread count (``torch.utils.benchmark.Timer``
+defaults to one thread, which is not what a model runs with).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import functools
-import statistics
+import math
+import os
+import resource
+import time
 import warnings
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -17,38 +40,168 @@ from torch.utils import benchmark
 
 from .forms import Form
 
+QUANTILE = 0.25  # the figure of a callable: this quantile of its blocks' per-call times
+SPREAD_LIMIT = 0.25  # blocks' interquartile spread (relative) above which a figure is noisy
+BUSY_CORES = 0.25  # other processes' CPU use, in cores, above which a figure is contended
+WARM_CALLS = 8  # at most this many warm-up calls per callable
+WARM_AGREE = 0.25  # warm once two calls in a row agree within this (relative)
 _FLUSH = object()  # the flush's own entry among the timed callables: no user's name can equal it
 
 
-def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 5, block_s: float = 0.01,
-                   flush: Callable[[], object] | None = None) -> dict[str, float]:
-    """Median seconds per call of each zero-argument callable, timed in interleaved rounds.
+@dataclasses.dataclass(frozen=True)
+class Timings(Mapping):
+    """Seconds per call of each callable timed together, and how far to trust them.
+
+    Reads as a mapping from name to seconds. ``spread``: each callable's interquartile range
+    over its blocks, relative to its figure. ``busy``: the CPU the rest of the machine used
+    while timing, in cores (``nan`` where unknown). ``blocks``: blocks timed per callable.
+    """
+
+    seconds: dict[str, float]
+    spread: dict[str, float] = dataclasses.field(default_factory=dict)
+    busy: float = float("nan")
+    blocks: int = 0
+
+    def __getitem__(self, name: str) -> float:
+        return self.seconds[name]
+
+    def __iter__(self):
+        return iter(self.seconds)
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+    @property
+    def contended(self) -> bool:
+        """Whether other load or noise may have moved these figures (they decide now, but are
+        never stored as clean)."""
+        noisy = any(s > SPREAD_LIMIT for s in self.spread.values())
+        return noisy or (not math.isnan(self.busy) and self.busy > BUSY_CORES)
+
+    @property
+    def noise(self) -> float:
+        """Relative uncertainty of the difference of two of these figures: the largest
+        blocks' spread, as a standard error over the blocks, for two figures (0 if unknown)."""
+        spread = max(self.spread.values(), default=0.0)
+        return math.sqrt(2.0) * spread / math.sqrt(self.blocks) if self.blocks else 0.0
+
+    def record(self) -> dict:
+        """How these figures were taken, as a cost-table entry keeps it."""
+        return {"blocks": self.blocks, "spread": round(max(self.spread.values(), default=0.0), 4),
+                "busy": None if math.isnan(self.busy) else round(self.busy, 3),
+                "threads": torch.get_num_threads(), "when": datetime.date.today().isoformat()}
+
+    def without(self, name) -> "Timings":
+        return dataclasses.replace(self, seconds={k: v for k, v in self.seconds.items() if k != name},
+                                   spread={k: v for k, v in self.spread.items() if k != name})
+
+
+def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 15, block_s: float = 0.001,
+                   flush: Callable[[], object] | None = None) -> Timings:
+    """Seconds per call of each zero-argument callable, timed in interleaved rounds of short
+    blocks after a warm-up (see the module docstring for the protocol).
 
     A callable that raises on its warm-up call is reported with a warning and left out.
     ``flush``, if given, runs before every call (as triton's ``do_bench`` clears the L2 cache),
     and its own time, taken in the same rounds, is taken off.
     """
     if flush is not None:
-        times = time_callables({**{name: _after(flush, fn) for name, fn in fns.items()}, _FLUSH: flush},
+        timed = time_callables({**{name: _after(flush, fn) for name, fn in fns.items()}, _FLUSH: flush},
                                rounds=rounds, block_s=block_s)
-        cost = times.pop(_FLUSH, 0.0)
-        return {name: max(t - cost, 0.0) for name, t in times.items()}
-    timers = {}
-    for name, fn in fns.items():
-        timer = _timer(fn)
-        try:
-            _block(timer, 1)  # warm-up; also finds candidates that fail
-        except Exception as e:  # a broken candidate (a user's form, say) must not stop the rest
-            warnings.warn(f"convrewrite: {name!r} failed and was not timed: {type(e).__name__}: {e}", stacklevel=2)
-            continue
-        timers[name] = (timer, max(1, int(block_s / max(_block(timer, 1), 1e-7))))
+        cost = timed.seconds.get(_FLUSH, 0.0)
+        rest = timed.without(_FLUSH)
+        return dataclasses.replace(rest, seconds={n: max(t - cost, 0.0) for n, t in rest.seconds.items()})
+    with _CpuWatch() as watch:
+        timers = {}
+        for name, fn in fns.items():
+            timer = _timer(fn)
+            try:
+                warm = _warm_up(timer)
+            except Exception as e:  # a broken candidate (a user's form, say) must not stop the rest
+                warnings.warn(f"convrewrite: {name!r} failed and was not timed: {type(e).__name__}: {e}",
+                              stacklevel=2)
+                continue
+            timers[name] = (timer, max(1, int(block_s / max(warm, 1e-7))))
+        samples = _interleaved(timers, rounds)
+    return Timings({n: _quantile(s, QUANTILE) for n, s in samples.items()},
+                   {n: _relative_iqr(s) for n, s in samples.items()}, watch.busy_cores, rounds if timers else 0)
+
+
+def _warm_up(timer: benchmark.Timer) -> float:
+    """Call until two calls in a row agree (at most ``WARM_CALLS``); the last call's seconds."""
+    last = _block(timer, 1)
+    for _ in range(WARM_CALLS - 1):
+        now = _block(timer, 1)
+        if abs(now - last) <= WARM_AGREE * max(now, last):
+            return min(now, last)
+        last = now
+    return last
+
+
+def _interleaved(timers: dict, rounds: int) -> dict[str, list[float]]:
     names = list(timers)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds if names else 0):
         for name in names[r % len(names):] + names[:r % len(names)]:
             timer, number = timers[name]
             samples[name].append(_block(timer, number))
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _relative_iqr(values: list[float]) -> float:
+    if len(values) < 4:
+        return 0.0
+    q1 = _quantile(values, 0.25)
+    return (_quantile(values, 0.75) - q1) / q1 if q1 > 0 else 0.0
+
+
+class _CpuWatch:
+    """CPU time the rest of the machine used during a ``with`` block, in cores.
+
+    ``/proc/stat``'s busy time of all CPUs (steal included: a hypervisor running other guests
+    on our cores is load too), less this process's own user and system time. Reads ``nan``
+    where ``/proc/stat`` is missing (not Linux).
+    """
+
+    busy_cores = float("nan")
+
+    def __enter__(self) -> "_CpuWatch":
+        self._start = (_machine_busy_s(), _own_cpu_s(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        machine, own, wall = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+        if machine is not None and self._start[0] is not None and wall > self._start[2]:
+            others = (machine - self._start[0]) - (own - self._start[1])
+            self.busy_cores = max(others, 0.0) / (wall - self._start[2])
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def _machine_busy_s() -> float | None:
+    """Seconds every CPU together spent busy since boot (user, nice, system, irq, softirq,
+    steal), or None where ``/proc/stat`` cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) * _TICK_S
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _after(first: Callable[[], object], fn: Callable[[], object]) -> Callable[[], object]:
@@ -93,8 +246,8 @@ def form_call(form: Form, spec, args: tuple) -> Callable[[], object]:
     return forward_backward
 
 
-def time_forms(spec, forms: list[Form], *, rounds: int = 5, block_s: float = 0.01) -> dict[str, float]:
-    """Median seconds per call of each form on random inputs shaped like ``spec`` (drawn from
-    a private generator: measuring must not move the user's random number stream)."""
+def time_forms(spec, forms: list[Form], *, rounds: int = 15, block_s: float = 0.001) -> Timings:
+    """Seconds per call of each form on random inputs shaped like ``spec`` (drawn from a
+    private generator: measuring must not move the user's random number stream)."""
     args = spec.example_inputs(torch.Generator(spec.device).manual_seed(0))
     return time_callables({f.name: form_call(f, spec, args) for f in forms}, rounds=rounds, block_s=block_s)

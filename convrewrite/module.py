@@ -15,7 +15,6 @@ import dataclasses
 import inspect
 import operator
 import threading
-import time
 import warnings
 
 import torch
@@ -221,18 +220,16 @@ class ConvRewriteModule(nn.Module):
         if isinstance(traced, str):
             return Specialization(None, Report(signature=signature, note=f"not captured: {traced}")), _NOT_RUN
         gm = _sharing_graph_module(traced, self.original)
-        start = time.perf_counter()
         try:
             output = annotate(gm, flat)
         except Exception as e:  # the original reports the user's own error, if it is one
             warnings.warn(f"convrewrite: the captured graph of {type(self.original).__name__} failed on these inputs "
                           f"({type(e).__name__}: {e}); they run through the original module", stacklevel=5)
             return Specialization(None, Report(signature=signature, note=f"graph failed: {e}")), _NOT_RUN
-        annotated_s = time.perf_counter() - start
         why = opaque_root(traced)
         report = Report(rewrite(gm, self.options).sites, signature, f"not traced: {why}" if why else "")
         if report.rewritten and self.options.check:
-            report = self._checked(report, traced, gm, flat, annotated_s)
+            report = self._checked(report, gm, flat)
         if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
             if why and why not in self._state.warned:
                 self._state.warned.add(why)
@@ -241,17 +238,18 @@ class ConvRewriteModule(nn.Module):
         watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
         return Specialization(gm, report, watched), output
 
-    def _checked(self, report: Report, traced: fx.GraphModule, gm: fx.GraphModule, flat: tuple,
-                 annotated_s: float) -> Report:
+    def _checked(self, report: Report, gm: fx.GraphModule, flat: tuple) -> Report:
         """``report``, or its sites back on their originals if the whole rewritten graph is
-        not faster than the graph as written on these inputs."""
+        not clearly faster than the model's own forward on these inputs."""
         if any(has_hooks(m) for m in self.original.modules()):  # timing would run them again and again
             return report.noted("whole graph not checked: the model has hooks")
-        times = whole_graph_times(_sharing_graph_module(traced, self.original), gm, self.original, flat, annotated_s)
+        times = whole_graph_times(_positional(self.original.forward, self._forward_signature), gm,
+                                  self.original, flat)
         if len(times) < 2:
             return report.kept_original("kept original: the whole-graph check could not run both graphs")
         old, new = times[ORIGINAL], times[REWRITTEN]
-        line = f"whole graph on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms as written"
+        load = " (under load from other processes)" if times.contended else ""
+        line = f"whole model, warm, on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms as written{load}"
         if not rewrite_wins(times):
             return report.kept_original(f"kept original: the rewritten graph ran {new / old:.2f}x the time").noted(line)
         return report.noted(line)
@@ -334,6 +332,17 @@ def _sharing_graph_module(traced: fx.GraphModule, original: nn.Module) -> fx.Gra
     gm.__dict__.update(_parameters=original._parameters, _buffers=original._buffers,
                        _modules=collections.ChainMap(own, original._modules))
     return gm
+
+
+def _positional(forward, signature: inspect.Signature):
+    """``forward`` called with the arguments in its parameter order, as the graphs take them
+    (keyword-only parameters passed by name)."""
+    params = list(signature.parameters.values())
+    if all(p.kind != p.KEYWORD_ONLY for p in params):
+        return forward
+    n = sum(p.kind != p.KEYWORD_ONLY for p in params)
+    names = [p.name for p in params[n:]]
+    return lambda *flat: forward(*flat[:n], **dict(zip(names, flat[n:])))
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module | None:

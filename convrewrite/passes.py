@@ -7,6 +7,7 @@ same meta) and returns a :class:`Report`. It is the one pass behind every front 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -21,18 +22,17 @@ from .rules import Site, rules
 from .table import CostTable, load_table, user_table_path
 
 log = logging.getLogger(__name__)
-_TABLES: dict[tuple, CostTable] = {}
 
 
 def table_for(device: str, options: Options) -> CostTable:
-    """The cost table for ``device``, loaded once per process per user table file (reloaded
-    if that file changed)."""
-    user = user_table_path(device)
-    stamp = user.stat().st_mtime_ns if user.exists() else None
-    key = (device, os.fspath(options.table) if options.table else None, os.fspath(user), stamp)
-    if key not in _TABLES:
-        _TABLES[key] = load_table(device, options.table)
-    return _TABLES[key]
+    """The cost table for ``device``, loaded once per process per (user table file, table
+    option): what this process measures is added to the loaded table as it writes it."""
+    return _loaded(device, os.fspath(user_table_path(device)), os.fspath(options.table) if options.table else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _loaded(device: str, user_path: str, table_path: str | None) -> CostTable:
+    return load_table(device, table_path)
 
 
 def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Report:
@@ -80,4 +80,5 @@ def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, r
         else:
             replaced[site.node] = emit(gm, site, form, name)
     return SiteReport(site.path, site.pattern, site.spec.describe(), choice.original, chosen,
-                      choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key())
+                      choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key(),
+                      dict(choice.times))

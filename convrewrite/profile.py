@@ -25,12 +25,14 @@ from tabulate import tabulate
 from . import crossover
 from .forms import forms_for
 from .forms.channel_mix import ORIGINAL, channels_last_backward_may_crash, conv
-from .measure import time_forms
+from .measure import Timings, time_forms
 from .spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, ChannelMixSpec, layout_of
 from .table import CostTable, fingerprint, user_table_path
 
 MODES = ("infer", "train", "train-w")
 MAX_MACS = 1e8  # keeps every timed call within milliseconds on a small CPU
+ROUNDS, ROUNDS_QUICK, BLOCK_S = 15, 7, 0.001
+RETRIES = 2  # a spec measured under load is measured again this many times before it is left out
 
 
 def _log_uniform(rng: random.Random, lo: float, hi: float) -> int:
@@ -80,21 +82,39 @@ def with_out_layout(spec: ChannelMixSpec) -> ChannelMixSpec:
 
 
 def build(specs: list[ChannelMixSpec], table: CostTable, rounds: int, block_s: float, progress=True,
-          checkpoint=None, every: int = 50) -> None:
+          checkpoint=None, every: int = 50) -> list[ChannelMixSpec]:
     """Time every legal form of every spec into ``table``, with a progress bar on stderr;
-    ``checkpoint(table)`` is called every ``every`` specs, so an interrupted run keeps its work."""
+    ``checkpoint(table)`` is called every ``every`` specs, so an interrupted run keeps its work.
+    A spec whose figures stay contended after ``RETRIES`` more tries is left out (figures
+    taken under load are never stored); those specs are returned."""
     from torch.hub import tqdm  # tqdm if installed, else torch's own minimal bar
 
+    contended = []
     with tqdm(total=len(specs), disable=not progress, unit="spec", file=sys.stderr) as bar:
         for i, spec in enumerate(specs, 1):
-            if spec.executor == "inductor":
-                torch._dynamo.reset()  # each spec compiles every form afresh (dynamo caches per code object)
             forms = forms_for(spec)
-            times = time_forms(spec, forms, rounds=rounds, block_s=block_s)
-            table.add(spec.key(), times, {f.name: f.source_hash for f in forms if f.name in times})
+            times = _clean_times(spec, forms, rounds, block_s)
+            if times is None:
+                contended.append(spec)
+            else:
+                table.add(spec.key(), dict(times), {f.name: f.source_hash for f in forms if f.name in times},
+                          times.record())
             bar.update(1)
             if checkpoint is not None and i % every == 0 and i < len(specs):
                 checkpoint(table)
+    return contended
+
+
+def _clean_times(spec: ChannelMixSpec, forms, rounds: int, block_s: float) -> Timings | None:
+    """The forms' timings, measured again (up to ``RETRIES`` times) while contended; None if
+    they never came out clean."""
+    for _ in range(1 + RETRIES):
+        if spec.executor == "inductor":
+            torch._dynamo.reset()  # each spec compiles every form afresh (dynamo caches per code object)
+        times = time_forms(spec, forms, rounds=rounds, block_s=block_s)
+        if not times.contended:
+            return times
+    return None
 
 
 def summary(table: CostTable) -> str:
@@ -162,8 +182,8 @@ def main(argv=None) -> int:
     out = args.out or user_table_path(args.device)
     table = CostTable(fingerprint(args.device))
     start = time.perf_counter()
-    build(specs, table, rounds=3 if args.quick else 5, block_s=0.002 if args.quick else 0.005,
-          checkpoint=lambda partial: partial.write(out))
+    contended = build(specs, table, rounds=ROUNDS_QUICK if args.quick else ROUNDS, block_s=BLOCK_S,
+                      checkpoint=lambda partial: partial.write(out))
     table.profiled = not args.quick and n > 0  # only a finished run of the random grid may stand alone
     if args.plot:
         _plot(args, dtypes[0], table)
@@ -171,6 +191,9 @@ def main(argv=None) -> int:
     if not table.write(out):
         return 1
     print(f"\n{len(table.entries)} specs timed in {time.perf_counter() - start:.0f} s; table written to {out}")
+    if contended:
+        print(f"{len(contended)} spec(s) left out: other processes kept the machine busy while they were "
+              "timed (figures taken under load are never stored); run the profile again on a quiet machine")
     return 0
 
 
@@ -184,7 +207,7 @@ def _require_matplotlib(parser: argparse.ArgumentParser) -> None:
 def _plot(args, dtype: str, table: CostTable) -> None:
     """Time the crossover grid into ``table`` and draw it to ``args.plot``."""
     specs = [dataclasses.replace(s, executor=args.executor) for s in crossover.grid(args.device, dtype)]
-    build(specs, table, rounds=3 if args.quick else 5, block_s=0.002 if args.quick else 0.005)
+    build(specs, table, rounds=ROUNDS_QUICK if args.quick else ROUNDS, block_s=BLOCK_S)
     path = crossover.draw(crossover.cells(specs, table.entries), args.plot, crossover.title(table.fingerprint, dtype))
     print(f"crossover map: {path}")
 

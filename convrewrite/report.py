@@ -21,6 +21,7 @@ class SiteReport:
     source: str
     note: str = ""
     key: str = ""
+    times: dict[str, float] = dataclasses.field(default_factory=dict)  # every candidate's seconds per call
 
     @property
     def predicted_speedup(self) -> float | None:

@@ -5,6 +5,14 @@ else ``$XDG_CACHE_HOME/convrewrite``, else ``~/.cache/convrewrite``). A default 
 ships in the package. Writes are atomic (temp file + ``os.replace``) and merge with what is
 on disk under a file lock, so concurrent profiles never lose each other's entries.
 
+Only this machine's own clean figures are exact: a table whose fingerprint differs (the
+shipped one on another CPU, thread count or torch version) is a *prior*, used to predict and
+never as an exact hit, and a figure taken under contention is never stored (see
+:mod:`convrewrite.measure`). Tables heal on load: a figure that its neighbours contradict by
+more than ``HEAL_FACTOR`` (a conv of ``[4,4,1]`` at 22 ms, say) is dropped, and measuring the
+same spec again replaces what was there. Each entry records how it was measured
+(``meta``: blocks, spread, other load, date).
+
 Shapes not in the table are predicted by the rule in :meth:`CostTable.predict`.
 """
 
@@ -23,11 +31,14 @@ from pathlib import Path
 
 import torch
 
-VERSION = 3  # 2: spec keys carry the executor; 3: and train-w, a backward without the input's gradient
+VERSION = 4  # 2: spec keys carry the executor; 3: and train-w; 4: figures of the warm, low-quantile protocol, with meta
 TABLES_DIR = Path(__file__).parent / "tables"
 NEIGHBOURS = 4
 VOTERS = 8
 CATEGORY_PENALTY = 3.0  # distance, in log2 units of size, of one categorical mismatch
+PRIOR_PENALTY = 1.0  # distance added to another machine's entries: this machine's own rank first
+HEAL_FACTOR = 4.0  # a figure this many times off what its nearest neighbours predict is dropped on load
+HEAL_NEIGHBOURS = 4
 
 
 class TableError(ValueError):
@@ -92,12 +103,14 @@ class CostTable:
     form_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
     profiled: bool = False
     origin: str = "empty"
+    meta: dict[str, dict] = dataclasses.field(default_factory=dict)  # key -> how it was measured
+    prior: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # other machines' entries
     _nearest: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # -- file I/O ---------------------------------------------------------------------------
     def to_json(self) -> dict:
         return {"version": VERSION, "fingerprint": self.fingerprint, "profiled": self.profiled,
-                "forms": self.form_hashes, "entries": self.entries}
+                "forms": self.form_hashes, "entries": self.entries, "meta": self.meta}
 
     @classmethod
     def read(cls, path: Path) -> "CostTable":
@@ -111,8 +124,9 @@ class CostTable:
         try:
             entries = {str(k): {str(f): float(t) for f, t in v.items() if math.isfinite(float(t)) and t > 0}
                        for k, v in data["entries"].items()}
+            meta = {str(k): dict(v) for k, v in data.get("meta", {}).items() if k in entries}
             table = cls(dict(data["fingerprint"]), entries, dict(data.get("forms", {})),
-                        bool(data.get("profiled", False)), origin=str(path))
+                        bool(data.get("profiled", False)), origin=str(path), meta=meta)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise TableError(f"cost table {path} is malformed: {e!r}") from None
         return table
@@ -147,17 +161,21 @@ class CostTable:
         if disk.fingerprint != self.fingerprint:
             return self
         merged = CostTable(self.fingerprint, {k: dict(v) for k, v in disk.entries.items()},
-                           {**disk.form_hashes, **self.form_hashes}, self.profiled or disk.profiled)
+                           {**disk.form_hashes, **self.form_hashes}, self.profiled or disk.profiled,
+                           meta=dict(disk.meta))
         merged._drop_stale_forms()
         for key, times in self.entries.items():
-            merged.entries.setdefault(key, {}).update(times)
+            merged.add(key, times, {}, self.meta.get(key))
         return merged
 
     # -- content ----------------------------------------------------------------------------
-    def add(self, key: str, times: dict[str, float], form_hashes: dict[str, str]) -> None:
-        """Record measured seconds for ``key`` (and the source hashes of the forms timed)."""
+    def add(self, key: str, times: dict[str, float], form_hashes: dict[str, str], meta: dict | None = None) -> None:
+        """Record measured seconds for ``key`` (and the source hashes of the forms timed, and
+        how they were measured); a new measurement replaces what the entry held."""
         self.form_hashes.update(form_hashes)
         self.entries.setdefault(key, {}).update(times)
+        if meta is not None:
+            self.meta[key] = meta
         self._nearest.clear()
 
     def _drop_stale_forms(self) -> None:
@@ -172,8 +190,17 @@ class CostTable:
             del self.form_hashes[name]
 
     def lookup(self, spec) -> dict[str, float] | None:
-        """Measured seconds for exactly this spec, if present."""
+        """Seconds this machine measured for exactly this spec, if present (a prior's figures
+        are never exact)."""
         return self.entries.get(spec.key())
+
+    def own_share(self, spec, original: str) -> float:
+        """The weighted share of the ``VOTERS`` nearest entries that this machine measured
+        (0 where a prediction would rest on other machines' figures alone)."""
+        near = self._neighbours(spec, original)[:VOTERS]
+        weights = [(1.0 / (d + 0.5) ** 2, own) for d, _, _, own in near]
+        total = sum(w for w, _ in weights)
+        return sum(w for w, own in weights if own) / total if total else 0.0
 
     def predict(self, spec, names: list[str], original: str) -> dict[str, float]:
         """Predicted seconds for each form in ``names`` on an unseen spec.
@@ -188,11 +215,11 @@ class CostTable:
         scored = self._neighbours(spec, original)
         if not scored:
             return {}
-        log_orig = _weighted([(d, math.log(t[original] / _work(o))) for d, o, t in scored[:NEIGHBOURS]])
+        log_orig = _weighted([(d, math.log(t[original] / _work(o))) for d, o, t, _ in scored[:NEIGHBOURS]])
         t_orig = math.exp(log_orig) * _work(spec)
         out = {original: t_orig}
         for name in names:
-            near = [(d, math.log(t[name] / t[original])) for d, o, t in scored if name in t][:NEIGHBOURS]
+            near = [(d, math.log(t[name] / t[original])) for d, o, t, _ in scored if name in t][:NEIGHBOURS]
             if name != original and near:
                 out[name] = t_orig * math.exp(_weighted(near))
         return out
@@ -203,24 +230,26 @@ class CostTable:
         near = self._neighbours(spec, original)[:VOTERS]
         if not near:
             return 0.0
-        weights = [1.0 / (d + 0.5) ** 2 for d, _, _ in near]
-        hits = [name in t and t[name] <= 1.1 * min(t.values()) for _, _, t in near]
+        weights = [1.0 / (d + 0.5) ** 2 for d, _, _, _ in near]
+        hits = [name in t and t[name] <= 1.1 * min(t.values()) for _, _, t, _ in near]
         return sum(w for w, hit in zip(weights, hits) if hit) / sum(weights)
 
-    def _neighbours(self, spec, original: str) -> list[tuple[float, object, dict]]:
-        """Entries that timed ``original``, nearest first, as (distance, spec, times)."""
+    def _neighbours(self, spec, original: str) -> list[tuple[float, object, dict, bool]]:
+        """Entries that timed ``original``, nearest first, as (distance, spec, times, whether
+        this machine measured it); other machines' entries stand ``PRIOR_PENALTY`` further off."""
         cached = self._nearest.get((spec.key(), original))
         if cached is not None:
             return cached
         cat, num = spec.features()
         scored = []
-        for key, times in self.entries.items():
-            parsed = _parsed(key, type(spec))
-            if parsed is None or original not in times or parsed[0].partition() != spec.partition():
-                continue
-            other, ocat, onum = parsed
-            dist = math.dist(num, onum) + CATEGORY_PENALTY * sum(a != b for a, b in zip(cat, ocat))
-            scored.append((dist, other, times))
+        for own, entries in ((True, self.entries), (False, self.prior)):
+            for key, times in entries.items():
+                parsed = _parsed(key, type(spec))
+                if parsed is None or original not in times or parsed[0].partition() != spec.partition():
+                    continue
+                other, ocat, onum = parsed
+                dist = math.dist(num, onum) + CATEGORY_PENALTY * sum(a != b for a, b in zip(cat, ocat))
+                scored.append((dist + (0.0 if own else PRIOR_PENALTY), other, times, own))
         scored.sort(key=lambda s: s[0])
         self._nearest[(spec.key(), original)] = scored
         return scored
@@ -273,7 +302,9 @@ def load_table(device="cpu", path: str | os.PathLike | None = None) -> CostTable
 
     ``path`` if given; else this machine's table in the cache dir; where that is missing or
     was not written by a full profile, the shipped table for the device type fills in beneath
-    it. An unusable file gives a warning and the next source is used.
+    it. Layers measured on this machine (same fingerprint) give exact entries; the others
+    are a prior for prediction only. Each layer is healed (:func:`heal`). An unusable file
+    gives a warning and the next source is used.
     """
     fp = fingerprint(device)
     layers = []
@@ -291,8 +322,9 @@ def load_table(device="cpu", path: str | os.PathLike | None = None) -> CostTable
             continue
         table._drop_stale_forms()
         _warn_unparsable(table)
+        heal(table)
         layers.append(table)
-        if table.profiled:
+        if table.profiled and table.fingerprint == fp:
             break
     return _stack(layers, fp)
 
@@ -306,11 +338,64 @@ def _warn_unparsable(table: CostTable) -> None:
 
 
 def _stack(layers: list[CostTable], fp: dict) -> CostTable:
-    """One table from layers, earlier layers winning on the same key."""
-    if not layers:
-        return CostTable(fp)
-    top = CostTable(fp, {}, {}, layers[0].profiled, " + ".join(t.origin for t in layers))
+    """One table from layers, earlier layers winning on the same key; layers measured on
+    another machine (fingerprint) go to the prior."""
+    own = [t for t in layers if t.fingerprint == fp]
+    top = CostTable(fp, {}, {}, any(t.profiled for t in own), " + ".join(t.origin for t in layers) or "empty")
     for table in reversed(layers):
         top.form_hashes.update(table.form_hashes)
-        top.entries.update({k: dict(v) for k, v in table.entries.items()})
+        target = top.entries if table.fingerprint == fp else top.prior
+        target.update({k: dict(v) for k, v in table.entries.items()})
+        if table.fingerprint == fp:
+            top.meta.update(table.meta)
     return top
+
+
+def heal(table: CostTable) -> list[tuple[str, str]]:
+    """Drop figures of ``table`` that its nearest entries contradict, and return the
+    (key, form) pairs dropped.
+
+    A figure taken under load is too slow (an op of 0.1 ms read as 4-48 ms), so the test is
+    one-sided and needs no model of the time: within the same categorical features, an op
+    takes at most as long as a neighbour's times its share of extra work (``max(1, work /
+    work')``). A form's time more than ``HEAL_FACTOR`` above that bound for most (by weight)
+    of its ``HEAL_NEIGHBOURS`` nearest entries is dropped; so is the whole entry of a dropped
+    original."""
+    from .forms.channel_mix import ORIGINAL
+    from .spec import ChannelMixSpec
+    keys = [k for k in table.entries if _parsed(k, ChannelMixSpec) is not None]
+    if len(keys) <= HEAL_NEIGHBOURS:
+        return []
+    nearest, weights = _nearest_entries(keys)
+    work = torch.tensor([_work(_parsed(k, ChannelMixSpec)[0]) for k in keys], dtype=torch.float64)
+    allowed = torch.maximum(work[:, None] / work[nearest], torch.ones(()))  # times a neighbour's, at most
+    dropped = []
+    for name in sorted({n for k in keys for n in table.entries[k]}):
+        t = torch.tensor([table.entries[k].get(name, math.nan) for k in keys], dtype=torch.float64)
+        w = torch.where(t[nearest].isnan(), 0.0, weights)
+        too_slow = t[:, None] > HEAL_FACTOR * allowed * t[nearest]
+        off = ((w * too_slow).sum(1) > 0.5 * w.sum(1)) & ((w > 0).sum(1) >= 2)
+        dropped += [(keys[i], name) for i in off.nonzero().flatten().tolist()]
+    for key, name in dropped:
+        if name == ORIGINAL:
+            table.entries.pop(key, None)
+            table.meta.pop(key, None)
+        elif key in table.entries:
+            table.entries[key].pop(name, None)
+    if dropped:
+        table._nearest.clear()
+    return dropped
+
+
+def _nearest_entries(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each key, the indices of its ``HEAL_NEIGHBOURS`` nearest other keys with the same
+    categorical features and partition (log2 size distance, as :meth:`CostTable.predict`
+    measures it), and their weights (0 where fewer exist)."""
+    from .spec import ChannelMixSpec
+    parsed = [_parsed(k, ChannelMixSpec) for k in keys]
+    groups: dict = {}
+    group = torch.tensor([groups.setdefault((p[1], p[0].partition()), len(groups)) for p in parsed])
+    num = torch.tensor([p[2] for p in parsed], dtype=torch.float64)
+    dist = torch.cdist(num, num).masked_fill(group[:, None] != group[None, :], math.inf).fill_diagonal_(math.inf)
+    d, idx = dist.topk(HEAL_NEIGHBOURS, dim=1, largest=False)
+    return idx, torch.where(d.isinf(), 0.0, 1.0 / (d + 0.5) ** 2)

@@ -3,13 +3,17 @@ depends on timing."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from convrewrite import check
+import torch
+
+from convrewrite import check, decide, profile
+from convrewrite.forms import channel_mix, conv, layout_chain
 from convrewrite.forms import forms_for
+from convrewrite.measure import Timings
 from convrewrite.table import CostTable, fingerprint
+
+ORIGINALS = {m.KIND: m.ORIGINAL for m in (channel_mix, conv, layout_chain)}
 
 
 @pytest.fixture(autouse=True)
@@ -29,11 +33,31 @@ def check_times(monkeypatch):
     def fake(fns, **_):
         for fn in fns.values():
             fn()
-        return {name: t for name, t in fake.result.items() if name in fns}
+        return Timings({name: t for name, t in fake.result.items() if name in fns})
 
     fake.result = {"original": 2e-3, "rewritten": 1e-3}
     monkeypatch.setattr(check, "time_callables", fake)
-    monkeypatch.setattr(check, "CLEAR_WIN", math.inf)  # the annotating run's clock decides nothing here
+    return fake
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch):
+    """Forms measured at specialisation or by the profile read their figures from here, never
+    from the clock: ``clock.seconds(spec, form_name)`` (every form 1 ms, the original 2 ms:
+    a rewrite wins unless a test says otherwise) and ``clock.busy`` (other load, in cores)."""
+
+    def fake(spec, forms, **_):
+        args = spec.example_inputs(torch.Generator(spec.device).manual_seed(0))
+        for form in forms:  # run each once, as real timing would
+            form.fn(*args, spec=spec)
+        fake.calls += 1
+        return Timings({f.name: fake.seconds(spec, f.name) for f in forms},
+                       dict.fromkeys((f.name for f in forms), 0.01), fake.busy, 15)
+
+    fake.seconds = lambda spec, name: 2e-3 if name == ORIGINALS.get(spec.kind) else 1e-3
+    fake.busy, fake.calls = 0.0, 0
+    monkeypatch.setattr(decide, "time_forms", fake)
+    monkeypatch.setattr(profile, "time_forms", fake)
     return fake
 
 

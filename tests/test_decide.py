@@ -2,7 +2,7 @@
 
 import pytest
 
-from convrewrite.decide import MEASURED, NONE, PREDICTED, TABLE, choose
+from convrewrite.decide import CONTENDED, MEASURED, NONE, PREDICTED, TABLE, beats, choose
 from convrewrite.options import Options
 from convrewrite.spec import ChannelMixSpec
 from convrewrite.table import CostTable, fingerprint, user_table_path
@@ -87,3 +87,37 @@ def test_predictions_never_cross_executors():
     c = choose(ChannelMixSpec(4, 8, 16, (32,), executor="inductor"), "conv",
                table({**ALL, "conv": 9.0}, eager), Options(measure=False))
     assert c.source == NONE
+
+
+def test_a_measurement_under_load_decides_but_is_never_stored(isolated_cache, clock):
+    clock.busy = 1.0  # another process kept a core busy while the forms were timed
+    t = CostTable(fingerprint("cpu"))
+    c = choose(SPEC, "conv", t, Options(measure=True))
+    assert c.source == CONTENDED and c.rewritten
+    assert t.lookup(SPEC) is None and not user_table_path("cpu").exists()
+    clock.busy = 0.0  # a later specialisation, on a quiet machine, measures again and keeps it
+    assert choose(SPEC, "conv", t, Options(measure=True)).source == MEASURED and t.lookup(SPEC) is not None
+
+
+def test_a_clean_measurement_is_stored_with_how_it_was_taken(isolated_cache):
+    t = CostTable(fingerprint("cpu"))
+    choose(SPEC, "conv", t, Options(measure=True))
+    meta = CostTable.read(user_table_path("cpu")).meta[SPEC.key()]
+    assert meta["blocks"] == 15 and meta["busy"] == 0.0 and "when" in meta and "threads" in meta
+
+
+def test_auto_measures_where_only_another_machines_figures_exist(isolated_cache, clock):
+    near = ChannelMixSpec(4, 8, 16, (30,))
+    t = CostTable(fingerprint("cpu"), prior={near.key(): {**ALL, "conv": 9.0}})
+    assert choose(SPEC, "conv", t, Options(measure=False)).source == PREDICTED  # the prior still predicts
+    assert clock.calls == 0
+    assert choose(SPEC, "conv", t, Options()).source == MEASURED and clock.calls == 1
+
+
+@pytest.mark.parametrize("noise, expected", [(0.0, True), (0.1, False)])
+def test_a_win_must_exceed_the_noise_as_well_as_the_margin(noise, expected):
+    assert beats(0.9, 1.0, margin=1.05, noise=noise) is expected
+
+
+def test_ties_keep_the_original():
+    assert not beats(1.0, 1.0, margin=1.0)

@@ -1,11 +1,14 @@
-"""Timing callables side by side: failures left out, and a flush before every call that is
-not charged to the callables."""
+"""Timing callables side by side: failures left out, a flush before every call that is not
+charged to the callables, and (on a simulated clock) the protocol that load cannot fool."""
 
+import itertools
+import math
 import time
 
 import pytest
 
-from convrewrite.measure import time_callables
+from convrewrite import measure
+from convrewrite.measure import Timings, time_callables
 
 
 def test_a_callable_that_raises_is_left_out_with_a_warning():
@@ -29,3 +32,55 @@ def test_the_flush_is_not_charged_to_the_callables():
     """A flush of 2 ms before a call that costs nothing: the call's figure is far below 2 ms."""
     times = time_callables({"nothing": lambda: None}, rounds=3, block_s=0, flush=lambda: time.sleep(2e-3))
     assert set(times) == {"nothing"} and 0.0 <= times["nothing"] < 1e-3
+
+
+@pytest.fixture
+def simulated(monkeypatch):
+    """Callables return the seconds a call "took"; the clock reads those, never real time.
+    ``simulated.busy``: the seconds of CPU the rest of the machine used per reading."""
+    monkeypatch.setattr(measure, "_timer", lambda fn: fn)
+    monkeypatch.setattr(measure, "_block", lambda fn, number: fn())
+    clock = type("Clock", (), {"busy": 0.0})()
+    machine = iter(range(10**6))
+    monkeypatch.setattr(measure, "_machine_busy_s", lambda: next(machine) * clock.busy)
+    return clock
+
+
+def sequence(*seconds, then):
+    values = iter(seconds)
+    return lambda: next(values, then)
+
+
+def test_the_figure_is_a_low_quantile_that_bursts_of_load_cannot_move(simulated):
+    warm = [1e-3, 1e-3]  # two calls that agree end the warm-up
+    bursts = itertools.chain(warm, itertools.cycle([1e-3, 40e-3, 1e-3, 8e-3, 30e-3]))  # median: 8 ms
+    times = measure.time_callables({"op": lambda: next(bursts)}, rounds=15)
+    assert times["op"] == pytest.approx(1e-3) and times.spread["op"] > measure.SPREAD_LIMIT and times.contended
+
+
+def test_cold_calls_are_warmed_away_before_timing(simulated):
+    """oneDNN's first calls of a shape build primitives: 50x the steady cost."""
+    times = measure.time_callables({"op": sequence(50e-3, 20e-3, 1e-3, then=1e-3)}, rounds=3)
+    assert times["op"] == 1e-3 and not times.contended
+
+
+def test_figures_are_contended_when_other_processes_use_the_cpu(simulated, monkeypatch):
+    monkeypatch.setattr(measure, "_own_cpu_s", lambda: 0.0)
+    monkeypatch.setattr(measure.time, "perf_counter", itertools.count().__next__)  # 1 s per reading
+    simulated.busy = 1.0  # each reading of /proc/stat finds one more second used: a busy core
+    times = measure.time_callables({"op": lambda: 1e-3}, rounds=3)
+    assert times.busy > measure.BUSY_CORES and times.contended
+    simulated.busy = 0.0
+    assert not measure.time_callables({"op": lambda: 1e-3}, rounds=3).contended
+
+
+def test_a_machine_without_proc_stat_reads_unknown_load_not_busy(simulated, monkeypatch):
+    monkeypatch.setattr(measure, "_machine_busy_s", lambda: None)
+    times = measure.time_callables({"op": lambda: 1e-3}, rounds=3)
+    assert math.isnan(times.busy) and not times.contended and times.record()["busy"] is None
+
+
+def test_noise_shrinks_with_more_blocks():
+    wide = Timings({"a": 1.0}, {"a": 0.2}, 0.0, 4)
+    assert wide.noise > Timings({"a": 1.0}, {"a": 0.2}, 0.0, 16).noise > 0.0
+    assert Timings({"a": 1.0}).noise == 0.0

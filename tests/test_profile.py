@@ -69,3 +69,11 @@ def test_cuda_without_cuda_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         profile.main(["--device", "cuda"])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_specs_timed_under_load_are_left_out_and_said(tmp_path, clock, capsys):
+    clock.busy = 1.0
+    out = tmp_path / "t.json"
+    assert profile.main(["--quick", "--specs", "2", "--mode", "infer", "--out", str(out)]) == 0
+    assert CostTable.read(out).entries == {} and clock.calls == 2 * (1 + profile.RETRIES)
+    assert "2 spec(s) left out" in capsys.readouterr().out

@@ -16,6 +16,19 @@ import torch.nn as nn
 import convrewrite
 from convrewrite.table import CostTable, load_table, user_table_path
 
+# `python -m convrewrite.profile` with figures from a fake clock (10 ms a spec, always clean):
+# on a busy machine the real clock reads every spec as contended, and nothing would be stored.
+PROFILE_ON_A_FAKE_CLOCK = """
+import sys, time
+from convrewrite import profile
+from convrewrite.measure import Timings
+def clean(spec, forms, **_):
+    time.sleep(0.01)
+    return Timings({f.name: 1e-3 for f in forms}, {f.name: 0.01 for f in forms}, 0.0, 15)
+profile.time_forms = clean
+sys.exit(profile.main(sys.argv[1:]))
+"""
+
 
 def pointwise_stack():
     torch.manual_seed(0)
@@ -57,7 +70,7 @@ def test_unwritable_cache_dir_warns_and_keeps_choices_in_memory(tmp_path, monkey
 def test_profile_killed_halfway_keeps_the_old_table_and_its_progress(isolated_cache):
     path = user_table_path("cpu")
     env = {**os.environ, "CONVREWRITE_CACHE_DIR": str(isolated_cache)}
-    run = [sys.executable, "-m", "convrewrite.profile", "--quick", "--mode", "infer"]
+    run = [sys.executable, "-c", PROFILE_ON_A_FAKE_CLOCK, "--quick", "--mode", "infer"]
     subprocess.run(run + ["--specs", "3"], env=env, check=True, capture_output=True)
     before = CostTable.read(path).entries
     proc = subprocess.Popen(run + ["--specs", "400", "--seed", "1"], env=env, stdout=subprocess.DEVNULL,

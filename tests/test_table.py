@@ -6,12 +6,14 @@ import os
 
 import pytest
 
+from convrewrite import table as table_module
 from convrewrite.forms import forms_for
 from convrewrite.spec import ChannelMixSpec
 from convrewrite.table import (CostTable, TableError, fingerprint, load_table, shipped_table_path,
                                user_table_path)
 
 SPEC = ChannelMixSpec(8, 16, 32, (64,))
+OTHER = ChannelMixSpec(8, 16, 32, (128,))
 
 
 def table_with(entries, profiled=True, fp=None):
@@ -47,11 +49,36 @@ def test_user_table_wins_over_shipped(isolated_cache):
     assert load_table("cpu").lookup(SPEC) == {"conv": 1.0, "matmul": 0.5}
 
 
-def test_partial_user_table_is_stacked_on_the_shipped_one(isolated_cache):
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """``shipped(table)``: make ``table`` the shipped one for this test."""
+    def ship(table):
+        table.write(tmp_path / "shipped.json")
+        monkeypatch.setattr(table_module, "shipped_table_path", lambda device="cpu": tmp_path / "shipped.json")
+    return ship
+
+
+def test_partial_user_table_is_stacked_on_the_shipped_one(isolated_cache, shipped):
+    shipped(table_with([(SPEC, {"conv": 2.0}), (OTHER, {"conv": 3.0})]))
     table_with([(SPEC, {"conv": 1.0})], profiled=False).write(user_table_path("cpu"))
     table = load_table("cpu")
-    assert table.lookup(SPEC) == {"conv": 1.0}
-    assert len(table.entries) > 1
+    assert table.lookup(SPEC) == {"conv": 1.0} and table.lookup(OTHER) == {"conv": 3.0}
+
+
+def test_another_machines_table_is_a_prior_never_an_exact_hit(isolated_cache, shipped):
+    foreign = dict(fingerprint("cpu"), threads=fingerprint("cpu")["threads"] + 1)
+    shipped(table_with([(SPEC, {"conv": 2e-3, "matmul": 1e-3}), (OTHER, {"conv": 3e-3, "matmul": 1e-3})], fp=foreign))
+    table = load_table("cpu")
+    assert table.lookup(SPEC) is None and table.own_share(SPEC, "conv") == 0.0
+    assert table.predict(SPEC, ["matmul"], "conv")["matmul"] < table.predict(SPEC, ["conv"], "conv")["conv"]
+
+
+def test_an_entry_measured_here_outranks_the_prior(isolated_cache, shipped):
+    foreign = dict(fingerprint("cpu"), torch="0.0")
+    shipped(table_with([(OTHER, {"conv": 3e-3})], fp=foreign))
+    table_with([(SPEC, {"conv": 1e-3})], profiled=False).write(user_table_path("cpu"))
+    table = load_table("cpu")
+    assert table.own_share(SPEC, "conv") > 0.5 and table.lookup(OTHER) is None
 
 
 @pytest.mark.parametrize("content", ["", "{not json", json.dumps({"version": 999, "entries": {}}),
@@ -63,7 +90,8 @@ def test_damaged_user_table_warns_and_falls_back_to_shipped(isolated_cache, cont
     path.write_text(content)
     with pytest.warns(UserWarning, match="falling back"):
         table = load_table("cpu")
-    assert table.entries == load_table("cpu", shipped_table_path("cpu")).entries
+    shipped = load_table("cpu", shipped_table_path("cpu"))
+    assert (table.entries, table.prior) == (shipped.entries, shipped.prior) and table.entries | table.prior
 
 
 def test_foreign_device_table_is_ignored(tmp_path):
@@ -128,3 +156,48 @@ def test_prediction_follows_the_nearest_entries():
 
 def test_prediction_is_empty_without_entries():
     assert CostTable(fingerprint("cpu")).predict(SPEC, ["conv"], "conv") == {}
+
+
+def grid(times_of, sizes=(16, 32, 64, 128, 256, 512)):
+    """A table of one row of specs that differ only in positions, timed by ``times_of(spec)``."""
+    return table_with([(s, times_of(s)) for s in (ChannelMixSpec(8, 16, 32, (n,)) for n in sizes)])
+
+
+def test_loading_drops_a_figure_its_neighbours_contradict(tmp_path):
+    def times(spec):
+        n = spec.out_spatial[0]
+        return {"conv": n * 1e-6, "matmul": (40e-3 if n == 64 else n * 0.5e-6)}  # read under load
+
+    grid(times).write(tmp_path / "t.json")
+    table = load_table("cpu", tmp_path / "t.json")
+    inflated = ChannelMixSpec(8, 16, 32, (64,))
+    assert table.lookup(inflated) == {"conv": 64e-6}
+    assert all(len(t) == 2 for k, t in table.entries.items() if k != inflated.key())
+
+
+def test_an_entry_whose_original_is_contradicted_is_dropped_whole(tmp_path):
+    grid(lambda s: {"conv": 40e-3 if s.out_spatial[0] == 64 else s.out_spatial[0] * 1e-6, "matmul": 1e-6}
+         ).write(tmp_path / "t.json")
+    table = load_table("cpu", tmp_path / "t.json")
+    assert table.lookup(ChannelMixSpec(8, 16, 32, (64,))) is None and len(table.entries) == 5
+
+
+def test_consistent_figures_are_all_kept(tmp_path):
+    grid(lambda s: {"conv": s.out_spatial[0] * 1e-6, "matmul": 3e-5}).write(tmp_path / "t.json")
+    assert len(load_table("cpu", tmp_path / "t.json").entries) == 6
+
+
+def test_how_an_entry_was_measured_survives_the_round_trip(tmp_path):
+    t = table_with([])
+    t.add(SPEC.key(), {"conv": 1e-3}, {}, {"blocks": 15, "spread": 0.03, "busy": 0.0})
+    t.write(tmp_path / "t.json")
+    assert CostTable.read(tmp_path / "t.json").meta == {SPEC.key(): {"blocks": 15, "spread": 0.03, "busy": 0.0}}
+
+
+def test_a_new_measurement_replaces_the_entry(tmp_path):
+    t = table_with([(SPEC, {"conv": 40e-3, "matmul": 1e-3})])
+    t.write(tmp_path / "t.json")
+    again = CostTable(fingerprint("cpu"))
+    again.add(SPEC.key(), {"conv": 2e-3, "matmul": 1e-3}, {})
+    again.write(tmp_path / "t.json")
+    assert CostTable.read(tmp_path / "t.json").lookup(SPEC) == {"conv": 2e-3, "matmul": 1e-3}

@@ -13,8 +13,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..spec import ConvSpec
 from . import register_form
 
+KIND = ConvSpec.kind
 ORIGINAL = "conv_direct"  # the reference form: one F.convNd call
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -57,7 +59,7 @@ def _pad(x: torch.Tensor, spec) -> torch.Tensor:
     return F.pad(x, flat) if any(flat) else x
 
 
-@register_form("conv", ORIGINAL)
+@register_form(KIND, ORIGINAL)
 def conv_direct(x, w, b, *, spec):
     """One ``F.convNd`` (symmetric zero padding passed to it, anything else padded first)."""
     x, padding = conv_input(x, spec), spec.symmetric_padding
@@ -71,7 +73,7 @@ def _unfold_supported(spec) -> bool:
     return spec.ndim <= 2
 
 
-@register_form("conv", "conv_unfold", supports=_unfold_supported)
+@register_form(KIND, "conv_unfold", supports=_unfold_supported)
 def conv_unfold(x, w, b, *, spec):
     """``F.unfold`` (im2col) and one batched matmul per group; 1D runs as 2D of height 1."""
     x, w = _pad(conv_input(x, spec), spec), conv_weight(w, spec)
@@ -95,7 +97,7 @@ def _fft_supported(spec) -> bool:
     return spec.dtype in ("float32", "float64")
 
 
-@register_form("conv", "conv_fft", supports=_fft_supported)
+@register_form(KIND, "conv_fft", supports=_fft_supported)
 def conv_fft(x, w, b, *, spec):
     """Cross-correlation as a product of real FFTs (of a smooth length), per group; wins on
     long kernels, where a direct conv does work proportional to the kernel size."""
