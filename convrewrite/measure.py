@@ -14,9 +14,14 @@ The protocol (each step answers a way figures went wrong on a shared machine):
   and the blocks that escaped are the ones that tell the op's own cost.
 - **A contention signal.** While timing, the CPU time the *rest of the machine* used is read
   from ``/proc/stat`` (less this process's own, and counting a hypervisor's steal). A figure
-  taken while others used more than ``BUSY_CORES`` of a core, or whose blocks spread more than
-  ``SPREAD_LIMIT``, is :attr:`Timings.contended`: usable for a decision now, never stored as
+  taken while others used more than ``BUSY_CORES`` of a core, or whose blocks spread by more
+  than ``SPREAD_LIMIT``, is :attr:`Timings.contended`: usable for a decision now, never stored as
   if it were clean (see :mod:`convrewrite.table`).
+- **More blocks under load, and an error that load does not widen.** Contended figures are
+  timed for up to ``LOADED_ROUNDS`` times more rounds. Each figure's standard error
+  (:attr:`Timings.error`) comes from the blocks near its quantile only, so the slow blocks a
+  busy machine adds do not turn a clear win into noise; decisions widen their margin by it
+  (:func:`convrewrite.decide.beats`).
 
 Threads: the Timer runs with torch's current thread count (``torch.utils.benchmark.Timer``
 defaults to one thread, which is not what a model runs with).
@@ -41,8 +46,12 @@ from torch.utils import benchmark
 from .forms import Form
 
 QUANTILE = 0.25  # the figure of a callable: this quantile of its blocks' per-call times
-SPREAD_LIMIT = 0.25  # blocks' interquartile spread (relative) above which a figure is noisy
+# blocks' interquartile range over their lower quartile above which a figure is contended: a
+# quiet machine's small 2-thread ops spread by up to 0.7 (thread wake-ups); other threads of
+# this very process, which /proc/stat cannot tell from ours, show up here
+SPREAD_LIMIT = 1.0
 BUSY_CORES = 0.25  # other processes' CPU use, in cores, above which a figure is contended
+LOADED_ROUNDS = 2  # contended figures are timed for this many more times the rounds asked for
 WARM_CALLS = 8  # at most this many warm-up calls per callable
 WARM_AGREE = 0.25  # warm once two calls in a row agree within this (relative)
 _FLUSH = object()  # the flush's own entry among the timed callables: no user's name can equal it
@@ -52,15 +61,17 @@ _FLUSH = object()  # the flush's own entry among the timed callables: no user's 
 class Timings(Mapping):
     """Seconds per call of each callable timed together, and how far to trust them.
 
-    Reads as a mapping from name to seconds. ``spread``: each callable's interquartile range
-    over its blocks, relative to its figure. ``busy``: the CPU the rest of the machine used
-    while timing, in cores (``nan`` where unknown). ``blocks``: blocks timed per callable.
+    Reads as a mapping from name to seconds. ``error``: each figure's standard error,
+    relative to it. ``busy``: the CPU the rest of the machine used while timing, in cores
+    (``nan`` where unknown). ``blocks``: blocks timed per callable. ``spread``: each
+    callable's interquartile range over its blocks, relative to its lower quartile.
     """
 
     seconds: dict[str, float]
-    spread: dict[str, float] = dataclasses.field(default_factory=dict)
+    error: dict[str, float] = dataclasses.field(default_factory=dict)
     busy: float = float("nan")
     blocks: int = 0
+    spread: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, name: str) -> float:
         return self.seconds[name]
@@ -73,17 +84,15 @@ class Timings(Mapping):
 
     @property
     def contended(self) -> bool:
-        """Whether other load or noise may have moved these figures (they decide now, but are
-        never stored as clean)."""
-        noisy = any(s > SPREAD_LIMIT for s in self.spread.values())
-        return noisy or (not math.isnan(self.busy) and self.busy > BUSY_CORES)
+        """Whether other load may have moved these figures (they decide now, but are never
+        stored as clean)."""
+        bursts = any(s > SPREAD_LIMIT for s in self.spread.values())
+        return bursts or (not math.isnan(self.busy) and self.busy > BUSY_CORES)
 
     @property
     def noise(self) -> float:
-        """Relative uncertainty of the difference of two of these figures: the largest
-        blocks' spread, as a standard error over the blocks, for two figures (0 if unknown)."""
-        spread = max(self.spread.values(), default=0.0)
-        return math.sqrt(2.0) * spread / math.sqrt(self.blocks) if self.blocks else 0.0
+        """Relative standard error of the ratio of two of these figures (0 if unknown)."""
+        return math.sqrt(2.0) * max(self.error.values(), default=0.0)
 
     def record(self) -> dict:
         """How these figures were taken, as a cost-table entry keeps it."""
@@ -92,8 +101,8 @@ class Timings(Mapping):
                 "threads": torch.get_num_threads(), "when": datetime.date.today().isoformat()}
 
     def without(self, name) -> "Timings":
-        return dataclasses.replace(self, seconds={k: v for k, v in self.seconds.items() if k != name},
-                                   spread={k: v for k, v in self.spread.items() if k != name})
+        drop = lambda d: {k: v for k, v in d.items() if k != name}  # noqa: E731
+        return dataclasses.replace(self, seconds=drop(self.seconds), error=drop(self.error), spread=drop(self.spread))
 
 
 def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 15, block_s: float = 0.001,
@@ -111,20 +120,35 @@ def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 15, bl
         cost = timed.seconds.get(_FLUSH, 0.0)
         rest = timed.without(_FLUSH)
         return dataclasses.replace(rest, seconds={n: max(t - cost, 0.0) for n, t in rest.seconds.items()})
-    with _CpuWatch() as watch:
-        timers = {}
-        for name, fn in fns.items():
-            timer = _timer(fn)
-            try:
-                warm = _warm_up(timer)
-            except Exception as e:  # a broken candidate (a user's form, say) must not stop the rest
-                warnings.warn(f"convrewrite: {name!r} failed and was not timed: {type(e).__name__}: {e}",
-                              stacklevel=2)
-                continue
-            timers[name] = (timer, max(1, int(block_s / max(warm, 1e-7))))
-        samples = _interleaved(timers, rounds)
-    return Timings({n: _quantile(s, QUANTILE) for n, s in samples.items()},
-                   {n: _relative_iqr(s) for n, s in samples.items()}, watch.busy_cores, rounds if timers else 0)
+    timers = {}
+    for name, fn in fns.items():
+        timer = _timer(fn)
+        try:
+            warm = _warm_up(timer)
+        except Exception as e:  # a broken candidate (a user's form, say) must not stop the rest
+            warnings.warn(f"convrewrite: {name!r} failed and was not timed: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        timers[name] = (timer, max(1, int(block_s / max(warm, 1e-7))))
+    return _timed_while_it_takes(timers, rounds)
+
+
+def _timed_while_it_takes(timers: dict, rounds: int) -> Timings:
+    """``rounds`` interleaved rounds, and while the figures are contended up to
+    ``LOADED_ROUNDS`` times more: each figure's error shrinks with the blocks it has, so a
+    busy machine costs time, not a wrong or indecisive figure. ``busy``: the most seen."""
+    samples: dict[str, list[float]] = {name: [] for name in timers}
+    busy = float("nan")
+    for _ in range(1 + LOADED_ROUNDS):
+        with _CpuWatch() as watch:
+            for name, blocks in _interleaved(timers, rounds).items():
+                samples[name] += blocks
+        busy = watch.busy_cores if math.isnan(busy) else max(busy, watch.busy_cores)
+        timings = Timings({n: _quantile(s, QUANTILE) for n, s in samples.items()},
+                          {n: _relative_error(s, QUANTILE) for n, s in samples.items()}, busy,
+                          len(next(iter(samples.values()), ())), {n: _relative_iqr(s) for n, s in samples.items()})
+        if not timings.contended:
+            break
+    return timings
 
 
 def _warm_up(timer: benchmark.Timer) -> float:
@@ -154,6 +178,17 @@ def _quantile(values: list[float], q: float) -> float:
     low = math.floor(pos)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _relative_error(values: list[float], q: float) -> float:
+    """Standard error of the ``q``-quantile of ``values``, relative to it: sqrt(q(1-q)/n)
+    over the density of the values around that quantile. Only the blocks near the quantile
+    count, so the slow blocks a busy machine adds above it do not widen it."""
+    figure = _quantile(values, q)
+    if len(values) < 4 or figure <= 0:
+        return 0.0
+    width = _quantile(values, min(q + 0.1, 1.0)) - _quantile(values, max(q - 0.1, 0.0))
+    return math.sqrt(q * (1 - q) / len(values)) * (width / 0.2) / figure
 
 
 def _relative_iqr(values: list[float]) -> float:

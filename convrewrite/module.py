@@ -134,10 +134,12 @@ class ConvRewriteModule(nn.Module):
                 or self._compiled_call_impl is not None or torch._C._get_tracing_state():
             return super().__call__(*args, **kwargs)
         inlined = d["_convrewrite_inlined"]
-        if len(args) == 1 and not kwargs and type(x := args[0]) is torch.Tensor and len(inlined) == 1:
-            # the common call, one tensor into one traced module, dispatched here: _dispatch and
-            # _key (which keys it the same way) would add two calls, about 0.5 us a call
-            key = (_grad_enabled(), inlined[0].training, x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+        if len(args) == 1 and not kwargs and type(x := args[0]) is torch.Tensor and len(inlined) <= 1:
+            # the common call, one tensor into one traced module (or a leaf module, none inlined),
+            # dispatched here: _dispatch and _key (which keys it the same way) would add two
+            # calls, about 0.5 us a call
+            flags = inlined[0].training if inlined else ()
+            key = (_grad_enabled(), flags, x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
             spec = d["_state"].specs.get(key)
             if spec is not None and not (spec.watched and spec.stale()):
                 return original.forward(x) if spec.gm is None else spec.gm.forward(x)

@@ -16,8 +16,9 @@ class Options:
         so only where the table's nearest entries disagree on the best form; False never does.
     verify: check every rewritten site numerically against the original op at
         specialisation, and keep the original where they disagree.
-    check: at specialisation, time the whole rewritten graph against the graph as written on
-        copies of the inputs, and keep the original unless the rewrite is faster there by 5%.
+    check: at specialisation, time the whole rewritten graph against the model's own forward
+        on copies of the inputs (both warm, interleaved), and keep the original unless the
+        rewrite is faster there by 5% and by more than the figures' noise.
         The backend times the compiled graphs: rewritten, as dynamo gave it and, under
         inductor, that with ``conv_1x1_as_mm`` (compile time grows accordingly).
     table: path of a cost-table file to use before this machine's own and the shipped one.

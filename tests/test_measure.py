@@ -70,8 +70,10 @@ def test_figures_are_contended_when_other_processes_use_the_cpu(simulated, monke
     simulated.busy = 1.0  # each reading of /proc/stat finds one more second used: a busy core
     times = measure.time_callables({"op": lambda: 1e-3}, rounds=3)
     assert times.busy > measure.BUSY_CORES and times.contended
+    assert times.blocks == 3 * (1 + measure.LOADED_ROUNDS)  # timed longer while contended
     simulated.busy = 0.0
-    assert not measure.time_callables({"op": lambda: 1e-3}, rounds=3).contended
+    quiet = measure.time_callables({"op": lambda: 1e-3}, rounds=3)
+    assert not quiet.contended and quiet.blocks == 3
 
 
 def test_a_machine_without_proc_stat_reads_unknown_load_not_busy(simulated, monkeypatch):
@@ -80,7 +82,15 @@ def test_a_machine_without_proc_stat_reads_unknown_load_not_busy(simulated, monk
     assert math.isnan(times.busy) and not times.contended and times.record()["busy"] is None
 
 
-def test_noise_shrinks_with_more_blocks():
-    wide = Timings({"a": 1.0}, {"a": 0.2}, 0.0, 4)
-    assert wide.noise > Timings({"a": 1.0}, {"a": 0.2}, 0.0, 16).noise > 0.0
+def test_noise_is_the_error_of_a_ratio_of_two_figures():
+    assert Timings({"a": 1.0}, {"a": 0.05, "b": 0.02}).noise == pytest.approx(0.05 * math.sqrt(2))
     assert Timings({"a": 1.0}).noise == 0.0
+
+
+def test_slow_blocks_above_the_quantile_do_not_widen_its_error(simulated):
+    """A busy core makes some blocks 10x slow; the figure's error comes from the blocks around
+    its quantile, so a 2x win stays clear."""
+    steady = [1e-3, 1.01e-3, 0.99e-3, 1e-3, 1.02e-3, 0.98e-3, 1e-3, 1.01e-3]
+    calls = itertools.chain([1e-3, 1e-3], itertools.cycle(steady + [10e-3] * 4))
+    times = measure.time_callables({"op": lambda: next(calls)}, rounds=24)
+    assert times.spread["op"] > 1.0 and times.error["op"] < 0.02
