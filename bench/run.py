@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -185,7 +186,7 @@ def bench_workload(workload, train: bool, args, tmp: Path) -> dict:
                 first[name] = first_call_seconds(call(compiled, inputs, train))
             backend_ran += [r.ran for r in reports]
             candidates[name] = call(compiled, inputs, train)
-    times = time_callables(candidates, rounds=args.rounds, block_s=args.block)
+    times = dict(time_callables(candidates, rounds=args.rounds, block_s=args.block))
     forms = {k: v for k, v in times.items() if k.startswith("form:") or k == "original"}
     best = min(forms, key=forms.get)
     report = optimized.report
@@ -213,7 +214,7 @@ def bench_grid(args) -> dict:
     rows = []
     for spec in specs:
         times = time_forms(spec, forms_for(spec), rounds=args.rounds, block_s=args.block / 2)
-        row = {"key": spec.key(), "times": times, "best": min(times, key=times.get)}
+        row = {"key": spec.key(), "times": dict(times), "best": min(times, key=times.get)}
         for policy, measure in (("predict", False), ("auto", "auto")):
             choice = choose(spec, ORIGINAL, tables[policy], Options(measure=measure))
             row[policy] = {"chosen": choice.form, "source": choice.source,
@@ -445,8 +446,15 @@ def write_results(data: dict, command: str) -> None:
                   f"(graph alone {o['graph_us']:.1f} us)",
                   f"- first call of a 50-layer pointwise model (capture + rewrite + one run): {o['first_call_50_layers_s']:.2f} s "
                   f"(a steady call: {o['steady_50_layers_s'] * 1e3:.2f} ms)", ""]
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    (HERE / "RESULTS.md").write_text("\n".join(lines) + _kept_sections())
     (HERE / "results.json").write_text(json.dumps(data, indent=1))
+
+
+def _kept_sections() -> str:
+    """RESULTS.md's sections that other bench scripts write (``<!-- bench:NAME -->`` to
+    ``<!-- /bench:NAME -->``: bench/figures.py's, bench/models.py's), kept as they are."""
+    old = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
+    return "".join("\n" + m.group(0) + "\n" for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", old, re.S))
 
 
 def headline(data: dict, command: str) -> str:

@@ -45,6 +45,10 @@ def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Re
                 rows.append(SiteReport(site.path, site.pattern, "-", AS_WRITTEN, AS_WRITTEN, site.source_seconds,
                                        None, NONE, site.note))
                 continue
+            if site.spec.device == "meta":  # no data: nothing can be timed or verified
+                rows.append(SiteReport(site.path, site.pattern, site.spec.describe(), site.original, site.original,
+                                       None, None, NONE, "meta tensors: nothing to time or verify"))
+                continue
             # a lifted loop becomes one conv op, which inductor runs as an extern kernel: its
             # forms are timed eagerly, as the code they replace was
             run_by = "eager" if site.source_seconds is not None else executor

@@ -56,6 +56,16 @@ def test_integer_and_complex_inputs_run_as_the_original_does():
             opt(x)
 
 
+def test_meta_tensors_run_as_the_original_does():
+    """Nothing can be timed or verified on the meta device: every site keeps its original."""
+    model = pointwise_stack().to("meta")
+    x = torch.randn(2, 4, 5, 5, device="meta")
+    opt = convrewrite.optimize(model, measure=True)
+    out = opt(x)
+    assert out.device.type == "meta" and out.shape == model(x).shape
+    assert opt.report.sites and all(s.chosen == s.original and "meta" in s.note for s in opt.report.sites)
+
+
 def test_unwritable_cache_dir_warns_and_keeps_choices_in_memory(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")  # a cache dir below a regular file cannot be made, even by root
     monkeypatch.setenv("CONVREWRITE_CACHE_DIR", str(tmp_path / "a-file" / "cache"))

@@ -1,0 +1,360 @@
+"""Figures that hold: convrewrite's timings against the steady state, and the choices they make.
+
+    python bench/figures.py                  # every part below, then bench/RESULTS.md's section
+    python bench/figures.py --only steady --only overhead
+
+- ``steady``: the figure ``time_forms`` gives a form (what the pass decides and stores from)
+  against the form's steady-state cost, a long loop of back-to-back calls (what a model that
+  runs it sees), over a grid of channel mixes from about 1 us to 100 ms a call.
+- ``choices``: random single-layer pointwise models (``Conv1d``/``Conv2d``, ``kernel_size=1``)
+  optimized with a fresh cache dir, first on a quiet machine and then with one busy core during
+  each first call (``--busy-cores``, a process spinning in a loop, stopped before anything is
+  timed for the comparison). Every model is then timed quietly, side by side: as written, as
+  optimized, and with each channel-mix form. Regret: optimized over the fastest of those.
+  After the busy run, each figure the pass stored is timed again quietly.
+- ``stability``: the same models decided in 3 fresh processes, each with its own cache dir.
+- ``prediction``: the shipped table's choices on random specs it has not seen, by prediction
+  alone (``measure=False``) and with the default ``measure="auto"`` (bench/run.py's grid).
+- ``overhead``: the optimized module's own cost per call where nothing was rewritten.
+
+The machine's other load is read from /proc/stat during each part and printed with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tabulate import tabulate
+
+import convrewrite
+from convrewrite.forms import forms_for
+from convrewrite.forms.channel_mix import ORIGINAL
+from convrewrite.measure import form_call, time_callables, time_forms
+from convrewrite.profile import random_spec
+from convrewrite.spec import CHANNELS_LAST, STRIDED, ChannelMixSpec
+from convrewrite.table import CostTable, fingerprint, user_table_path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "RESULTS.md"
+MARKS = ("<!-- bench:figures -->", "<!-- /bench:figures -->")
+STEADY_S = 0.3  # each steady-state loop runs at least this long
+STEADY_REPEATS = 5
+EVAL_ROUNDS, EVAL_BLOCK_S = 21, 0.005  # the side-by-side comparison of a model's variants
+GRID = [  # (batch, in, out, length): Conv1d channel mixes from ~1 us to ~100 ms a call
+    (1, 4, 4, 1), (1, 8, 8, 16), (2, 16, 32, 32), (4, 32, 32, 64), (8, 64, 64, 64), (8, 64, 128, 256),
+    (16, 128, 128, 256), (16, 256, 256, 256), (32, 256, 256, 512), (32, 512, 512, 512), (64, 512, 512, 1024),
+]
+
+
+def steady_seconds(fn) -> float:
+    """Median over ``STEADY_REPEATS`` loops of back-to-back calls (each at least ``STEADY_S``):
+    the mean cost a model running ``fn`` over and over sees, warm."""
+    for _ in range(3):
+        fn()
+    per_call = []
+    for _ in range(STEADY_REPEATS):
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < STEADY_S or n < 3:
+            fn()
+            n += 1
+        per_call.append(elapsed / n)
+    return statistics.median(per_call)
+
+
+def bench_steady() -> dict:
+    """Each form's figure against its steady state, which is timed before and after the figure:
+    how far the steady state itself moves between two readings is the comparison's floor."""
+    rows = []
+    for batch, cin, cout, length in GRID:
+        spec = ChannelMixSpec(batch, cin, cout, (length,))
+        forms = [f for f in forms_for(spec) if f.name in (ORIGINAL, "linear", "baddbmm")]
+        args = spec.example_inputs(torch.Generator().manual_seed(0))
+        before = {f.name: steady_seconds(form_call(f, spec, args)) for f in forms}
+        figures = time_forms(spec, forms)
+        after = {f.name: steady_seconds(form_call(f, spec, args)) for f in forms}
+        for form in forms:
+            steady = (before[form.name] + after[form.name]) / 2
+            rows.append({"spec": spec.describe(), "form": form.name, "figure_us": figures[form.name] * 1e6,
+                         "steady_us": steady * 1e6, "ratio": figures[form.name] / steady,
+                         "steady_drift": before[form.name] / after[form.name], "contended": figures.contended})
+        print(f"steady: {spec.describe()} done", file=sys.stderr)
+    return {"rows": rows, "within_15pct": _share(r["ratio"] for r in rows),
+            "steady_within_15pct": _share(r["steady_drift"] for r in rows)}
+
+
+def _share(ratios) -> float:
+    ratios = list(ratios)
+    return sum(abs(r - 1) <= 0.15 for r in ratios) / len(ratios)
+
+
+# -- choices -------------------------------------------------------------------------------
+def model_specs(n: int, seed: int) -> list[ChannelMixSpec]:
+    """``n`` random inference channel mixes a single Conv1d/Conv2d(kernel_size=1) computes."""
+    rng, specs = random.Random(seed), []
+    while len(specs) < n:
+        spec = random_spec(rng, realistic=len(specs) % 2 == 1)
+        if spec.ndim <= 2 and spec.in_layout != STRIDED:
+            specs.append(spec)
+    return specs
+
+
+def single_layer(spec: ChannelMixSpec) -> tuple[nn.Module, torch.Tensor]:
+    conv_type = nn.Conv1d if spec.ndim == 1 else nn.Conv2d
+    torch.manual_seed(0)
+    model = conv_type(spec.in_channels, spec.out_channels, 1, stride=spec.stride, groups=spec.groups,
+                      bias=spec.bias).eval()
+    x = spec.example_inputs(torch.Generator().manual_seed(1))[0]
+    if spec.in_layout == CHANNELS_LAST:
+        model = model.to(memory_format=torch.channels_last)
+    return model, x
+
+
+@contextlib.contextmanager
+def busy(cores: int):
+    """``cores`` processes spinning in a Python loop for the duration of the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.2 if procs else 0)  # let them be scheduled
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def first_call(model: nn.Module, x: torch.Tensor, busy_cores: int):
+    optimized = convrewrite.optimize(model)
+    with busy(busy_cores), torch.no_grad():
+        optimized(x)
+    return optimized
+
+
+class FormLayer(nn.Module):
+    """``layer``'s parameters computed with ``form``: the layer as a user would write it by hand
+    in that form (a module call, as the layer as written and the optimized one are)."""
+
+    def __init__(self, layer: nn.Module, form, spec: ChannelMixSpec):
+        super().__init__()
+        self.layer, self.form, self.spec = layer, form, spec
+
+    def forward(self, x):
+        return self.form.fn(x, self.layer.weight, self.layer.bias, spec=self.spec)
+
+
+def quiet_comparison(spec: ChannelMixSpec, model: nn.Module, optimized, x: torch.Tensor) -> dict:
+    """Seconds per call, timed side by side on a quiet machine: the model as written, as
+    optimized, and with each legal form computing its layer."""
+    fns = {"as written": lambda: model(x), "optimized": lambda: optimized(x)}
+    for form in forms_for(spec):
+        if form.name != ORIGINAL:
+            fns[form.name] = (lambda layer: lambda: layer(x))(FormLayer(model, form, spec))
+    with torch.no_grad():
+        return dict(time_callables(fns, rounds=EVAL_ROUNDS, block_s=EVAL_BLOCK_S))
+
+
+def bench_choices(specs: list[ChannelMixSpec], busy_cores: int) -> dict:
+    os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-figures-")
+    rows = []
+    for spec in specs:
+        model, x = single_layer(spec)
+        optimized = first_call(model, x, busy_cores)
+        (site,) = optimized.report
+        times = quiet_comparison(spec, model, optimized, x)
+        best = min(times, key=times.get)
+        rows.append({"spec": spec.describe(), "chosen": site.chosen, "source": site.source, "best": best,
+                     "regret": times["optimized"] / min(times.values()),
+                     "vs_written": times["optimized"] / times["as written"], "times": times})
+        print(f"choices(busy={busy_cores}): {spec.describe()} -> {site.chosen} ({site.source})", file=sys.stderr)
+    regrets = [r["regret"] for r in rows]
+    result = {"busy_cores": busy_cores, "n": len(rows), "rows": rows,
+              "within_10pct": sum(r <= 1.10 for r in regrets) / len(rows), "median_regret": statistics.median(regrets),
+              "slower_than_written": sum(r["vs_written"] > 1.05 for r in rows)}
+    result["stored"] = stored_against_quiet()
+    return result
+
+
+def stored_against_quiet() -> list[dict]:
+    """Each figure the pass wrote to the user's table, against a quiet re-time of its form."""
+    path = user_table_path("cpu")
+    entries = CostTable.read(path).entries if path.exists() else {}
+    rows = []
+    for key, figures in entries.items():
+        spec = ChannelMixSpec.from_key(key)
+        quiet = time_forms(spec, [f for f in forms_for(spec) if f.name in figures])
+        rows += [{"spec": spec.describe(), "form": n, "stored_us": s * 1e6, "quiet_us": quiet[n] * 1e6,
+                  "ratio": s / quiet[n]} for n, s in figures.items() if n in quiet]
+    return rows
+
+
+# -- stability ------------------------------------------------------------------------------
+def decisions(specs: list[ChannelMixSpec]) -> list[str]:
+    """The form chosen for each spec's single-layer model, in this process, fresh cache."""
+    os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-figures-")
+    chosen = []
+    for spec in specs:
+        model, x = single_layer(spec)
+        chosen.append(first_call(model, x, 0).report.sites[0].chosen)
+    return chosen
+
+
+def bench_stability(n: int, seed: int, processes: int = 3) -> dict:
+    runs = []
+    for _ in range(processes):
+        out = subprocess.run([sys.executable, __file__, "--decide", "--models", str(n), "--seed", str(seed)],
+                             capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(out))
+    same = [len(set(r[i] for r in runs)) == 1 for i in range(n)]
+    return {"processes": processes, "n": n, "same_in_all": sum(same) / n,
+            "differing": [{"spec": s.describe(), "chosen": [r[i] for r in runs]}
+                          for i, s in enumerate(model_specs(n, seed)) if not same[i]]}
+
+
+# -- prediction -----------------------------------------------------------------------------
+def bench_prediction(n: int, seed: int) -> dict:
+    from run import bench_grid  # bench/run.py's grid, on a fresh cache dir
+    os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-figures-")
+    return bench_grid(argparse.Namespace(grid_seed=seed, grid=n, rounds=15, block=0.01))
+
+
+# -- overhead -------------------------------------------------------------------------------
+def bench_overhead() -> dict:
+    """Per-call cost of the optimized module over the plain one where nothing is rewritten, at
+    one thread (at two, waking the second thread moves a small conv's time by more than the
+    overhead being measured)."""
+    model, x = nn.Conv2d(8, 64, 1).eval(), torch.randn(2, 8, 7, 7)
+    optimized = convrewrite.optimize(model, forms=())  # only the original may be chosen
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            optimized(x)
+            times = time_callables({"plain": lambda: model(x), "optimized": lambda: optimized(x)}, rounds=61,
+                                   block_s=0.02)
+    finally:
+        torch.set_num_threads(threads)
+    return {"plain_us": times["plain"] * 1e6, "optimized_us": times["optimized"] * 1e6,
+            "overhead_us": (times["optimized"] - times["plain"]) * 1e6}
+
+
+# -- output ---------------------------------------------------------------------------------
+def _r(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _run(part: dict) -> str:
+    return f"*{part['run']}*\n"
+
+
+def section(data: dict) -> str:
+    lines = [MARKS[0], "## Figures that hold (issue 16)", "",
+             f"- machine: {data['machine']}", f"- busy protocol: {data['busy_protocol']}",
+             "- each part below names the date and command of its run; raw numbers: [figures.json](figures.json)", ""]
+    if "steady" in data:
+        s = data["steady"]
+        lines += ["### Figures against the steady state", "", _run(s),
+                  "`time_forms` (warm-up, 15 interleaved 1 ms blocks, 25th percentile) against the steady state: the "
+                  f"median of {STEADY_REPEATS} loops of back-to-back calls of >= {STEADY_S} s each, read just before "
+                  "and just after the figure (steady is their mean, drift their ratio); quiet machine. Figures within "
+                  f"15% of the steady state: {s['within_15pct']:.0%}; the two steady-state readings within 15% of each "
+                  f"other: {s['steady_within_15pct']:.0%}.", "",
+                  tabulate([(r["spec"], r["form"], f"{r['figure_us']:.1f}", f"{r['steady_us']:.1f}", _r(r["ratio"]),
+                             _r(r["steady_drift"]), "yes" if r["contended"] else "") for r in s["rows"]],
+                           ["spec", "form", "figure us", "steady us", "figure/steady", "steady drift", "contended"],
+                           tablefmt="github"), ""]
+    for name in ("choices_quiet", "choices_busy"):
+        if name in data:
+            c = data[name]
+            lines += [f"### Choices, {c['n']} random single-layer models, {c['busy_cores']} busy core(s) at the first call",
+                      "", _run(c), f"- within 10% of the fastest layout-preserving form: {c['within_10pct']:.0%}; "
+                      f"median regret {c['median_regret']:.3f}; more than 5% slower than as written: "
+                      f"{c['slower_than_written']}", ""]
+            worst = sorted(c["rows"], key=lambda r: -r["regret"])[:8]
+            lines += ["Worst regrets:", "",
+                      tabulate([(r["spec"], r["chosen"], r["source"], r["best"], _r(r["regret"]), _r(r["vs_written"]))
+                                for r in worst], ["spec", "chosen", "figures", "fastest", "regret", "opt/written"],
+                               tablefmt="github"), ""]
+            if c["stored"]:
+                ratios = [r["ratio"] for r in c["stored"]]
+                lines += [f"- figures stored in the user table: {len(ratios)}; stored/quiet re-time: median "
+                          f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}; off by 2x or "
+                          f"more: {sum(r >= 2 or r <= 0.5 for r in ratios)}", ""]
+            else:
+                lines += ["- figures stored in the user table: none", ""]
+    if "stability" in data:
+        s = data["stability"]
+        lines += [f"### Decision stability: {s['n']} models in {s['processes']} fresh processes", "", _run(s),
+                  f"- same form in every process: {s['same_in_all']:.0%}", ""]
+        if s["differing"]:
+            lines += [tabulate([(d["spec"], ", ".join(d["chosen"])) for d in s["differing"]], ["spec", "chosen"],
+                               tablefmt="github"), ""]
+    if "prediction" in data:
+        from run import grid_text
+        lines += ["### The shipped table on unseen shapes", "", _run(data["prediction"]), grid_text(data["prediction"]), ""]
+    if "overhead" in data:
+        o = data["overhead"]
+        lines += ["### Per-call overhead", "", _run(o),
+                  f"- `Conv2d(8, 64, 1)` on `[2, 8, 7, 7]`, one thread, nothing rewritten: plain {o['plain_us']:.2f} us, optimized "
+                  f"{o['optimized_us']:.2f} us, overhead {o['overhead_us']:.2f} us", ""]
+    lines.append(MARKS[1])
+    return "\n".join(lines)
+
+
+def replace_section(text: str, marks: tuple[str, str]) -> None:
+    """Put ``text`` (which starts and ends with ``marks``) in RESULTS.md in place of the
+    section between those marks, or at its end."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Bench results\n"
+    start, end = old.find(marks[0]), old.find(marks[1])
+    new = old[:start] + text + old[end + len(marks[1]):] if 0 <= start < end else old.rstrip("\n") + "\n\n" + text + "\n"
+    RESULTS.write_text(new)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", default=[], help="steady, choices, stability, prediction or overhead (repeatable)")
+    p.add_argument("--models", type=int, default=40)
+    p.add_argument("--seed", type=int, default=16)
+    p.add_argument("--busy-cores", type=int, default=1)
+    p.add_argument("--decide", action="store_true", help=argparse.SUPPRESS)  # one process of `stability`
+    args = p.parse_args(argv)
+    specs = model_specs(args.models, args.seed)
+    if args.decide:
+        print(json.dumps(decisions(specs)))
+        return 0
+    wanted = lambda name: not args.only or name in args.only  # noqa: E731
+    fp = fingerprint("cpu")
+    saved = HERE / "figures.json"
+    data = json.loads(saved.read_text()) if saved.exists() else {}  # parts not run now are kept
+    data.update(machine=f"{fp['model']} ({fp['isa']}, {fp['threads']} threads), torch {torch.__version__}",
+                busy_protocol=f"{args.busy_cores} process(es) spinning `while True: pass` from just before each "
+                              "model's first call (capture, measurement, check) until it returns; the comparison "
+                              "itself is timed quietly")
+    parts = {"steady": bench_steady, "choices_quiet": lambda: bench_choices(specs, 0),
+             "choices_busy": lambda: bench_choices(specs, args.busy_cores),
+             "stability": lambda: bench_stability(args.models, args.seed),
+             "prediction": lambda: bench_prediction(args.models, args.seed), "overhead": bench_overhead}
+    command = "python bench/figures.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for name, run in parts.items():
+        if wanted(name.split("_")[0]):
+            data[name] = {**run(), "run": f"{datetime.datetime.now().isoformat(timespec='minutes')}: `{command.strip()}`"}
+    text = section(data)
+    print(text)
+    replace_section(text, MARKS)
+    saved.write_text(json.dumps(data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Real models, built by their libraries' own constructors (random weights), as written and optimized.
+
+    python bench/models.py                     # every installed library's models
+    python bench/models.py --busy-cores 1      # first calls with a core spinning
+
+For each model: sites found and rewritten at the first call, the output checked against the
+model's, eager and optimized timed side by side (quiet), and the forms chosen in 3 fresh
+processes (each with its own cache dir) compared. timm and torchvision are used when
+installed (they need a torch with a matching torchvision); models of a missing library are
+listed as skipped. Results go to bench/RESULTS.md's real-models section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import convrewrite
+from convrewrite.measure import time_callables
+from convrewrite.table import fingerprint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from figures import busy, replace_section  # noqa: E402
+
+HERE = Path(__file__).parent
+MARKS = ("<!-- bench:models -->", "<!-- /bench:models -->")
+MODELS = {  # name: (library, constructor call, input size)
+    "repvgg_a0": ("timm", "timm.create_model('repvgg_a0')", 224),
+    "mobilevit_xxs": ("timm", "timm.create_model('mobilevit_xxs')", 256),
+    "mobilenetv3_small_100": ("timm", "timm.create_model('mobilenetv3_small_100')", 224),
+    "convnext_atto": ("timm", "timm.create_model('convnext_atto')", 224),
+    "mobilenet_v2": ("torchvision", "torchvision.models.mobilenet_v2()", 224),
+    "squeezenet1_0": ("torchvision", "torchvision.models.squeezenet1_0()", 224),
+    "shufflenet_v2_x1_0": ("torchvision", "torchvision.models.shufflenet_v2_x1_0()", 224),
+}
+
+
+def build(name: str):
+    library, call, size = MODELS[name]
+    module = importlib.import_module(library)
+    torch.manual_seed(0)
+    model = eval(call, {library: module}).eval()  # noqa: S307 (a constructor from the table above)
+    return model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def chosen_forms(name: str, busy_cores: int) -> list[str]:
+    """The form chosen at each site of ``name`` at its first call, fresh cache dir."""
+    os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-models-")
+    model, x = build(name)
+    optimized = convrewrite.optimize(model)
+    with busy(busy_cores), torch.no_grad():
+        optimized(x)
+    return [s.chosen for s in optimized.report or ()]
+
+
+def bench_model(name: str, busy_cores: int) -> dict:
+    os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-models-")
+    model, x = build(name)
+    optimized = convrewrite.optimize(model)
+    with busy(busy_cores), torch.no_grad():
+        out = optimized(x)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+        times = time_callables({"eager": lambda: model(x), "optimized": lambda: optimized(x)}, rounds=15,
+                               block_s=0.05)
+    report = optimized.report
+    runs = [json.loads(subprocess.run([sys.executable, __file__, "--decide", name, "--busy-cores", str(busy_cores)],
+                                      capture_output=True, text=True, check=True).stdout) for _ in range(3)]
+    same = sum(len({tuple(r)[i] if i < len(r) else None for r in runs}) == 1 for i in range(max(map(len, runs))))
+    return {"model": name, "sites": len(report or ()), "rewritten": len(report.rewritten) if report else 0,
+            "speedup": times["eager"] / times["optimized"], "eager_ms": times["eager"] * 1e3,
+            "rewritten_per_process": [sum(c not in ("conv", "as written", "as_written") for c in r) for r in runs],
+            "same_sites": same, "max_sites": max(map(len, runs)), "note": (report.note if report else "").split("\n")[0]}
+
+
+def section(rows: list[dict], skipped: list[str], command: str, busy_cores: int) -> str:
+    fp = fingerprint("cpu")
+    lines = [MARKS[0], "## Real models", "", f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+             f"- machine: {fp['model']} ({fp['isa']}, {fp['threads']} threads), torch {torch.__version__}",
+             f"- command: `{command}`", f"- busy cores during each first call: {busy_cores}", "",
+             "Random weights, batch 1, inference. speedup: eager over optimized, timed side by side after the first "
+             "call. rewritten in 3 processes: sites not left on the original in each of 3 fresh processes; "
+             "same: sites whose form agreed in all 3.", "",
+             tabulate([(r["model"], r["sites"], r["rewritten"], f"{r['eager_ms']:.1f}", f"{r['speedup']:.2f}x",
+                        ", ".join(map(str, r["rewritten_per_process"])), f"{r['same_sites']}/{r['max_sites']}")
+                       for r in rows],
+                      ["model", "sites", "rewritten", "eager ms", "speedup", "rewritten in 3 processes", "same"],
+                      tablefmt="github"), ""]
+    if skipped:
+        lines += [f"Not installed here, skipped: {', '.join(skipped)}.", ""]
+    return "\n".join(lines + [MARKS[1]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", default=[], help="a model name (repeatable)")
+    p.add_argument("--busy-cores", type=int, default=0)
+    p.add_argument("--decide", help=argparse.SUPPRESS)  # one process of the stability comparison
+    args = p.parse_args(argv)
+    if args.decide:
+        print(json.dumps(chosen_forms(args.decide, args.busy_cores)))
+        return 0
+    names = [n for n in MODELS if not args.only or n in args.only]
+    available = [n for n in names if importlib.util.find_spec(MODELS[n][0]) is not None]
+    rows = []
+    for name in available:
+        rows.append(bench_model(name, args.busy_cores))
+        print(rows[-1], file=sys.stderr)
+    command = "python bench/models.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = section(rows, [n for n in names if n not in available], command.strip(), args.busy_cores)
+    print(text)
+    replace_section(text, MARKS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
