@@ -11,6 +11,8 @@ shapes only from there, so they serve any graph that carries the same annotation
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
 import time
@@ -53,6 +55,32 @@ def info(node) -> TensorInfo | None:
     return node.meta.get(META) if isinstance(node, fx.Node) else None
 
 
+@contextlib.contextmanager
+def state_kept(module: torch.nn.Module):
+    """Run the block, then put every submodule's attributes back as they were, containers'
+    contents included. Tracing runs the user's forward on Proxies and lifting runs it on small
+    float64 probes: a forward that caches what it computes (timm's LeViT keeps its attention
+    bias in a dict keyed by device) would otherwise keep a Proxy or a probe, and the user's
+    next call, or the next optimize(), would read it."""
+    saved = [(m, dict(vars(m))) for m in module.modules()]
+    contents = [(value, copy.copy(value)) for _, attrs in saved for value in attrs.values()
+                if type(value) in (dict, list, set)]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            live = vars(m)
+            for name in set(live) - set(attrs):
+                del live[name]
+            live.update(attrs)
+        for container, before in contents:
+            if isinstance(container, list):
+                container[:] = before
+            else:
+                container.clear()
+                container.update(before)
+
+
 def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
     """Symbolically trace ``module`` with ``concrete_args`` fixed (fx asserts them at run time);
     the graph shares the module's submodules and parameters. Submodules that cannot be traced
@@ -61,7 +89,8 @@ def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.Gr
     while True:
         tracer = _Tracer(opaque)
         try:
-            graph = tracer.trace(module, concrete_args=concrete_args or None)
+            with state_kept(module):
+                graph = tracer.trace(module, concrete_args=concrete_args or None)
         except Exception as e:  # symbolic_trace raises many types for untraceable Python
             why = f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0]
             if not tracer.failed_in or tracer.failed_in in opaque:

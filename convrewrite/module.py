@@ -221,17 +221,18 @@ class ConvRewriteModule(nn.Module):
         traced = self._trace(flat)
         if isinstance(traced, str):
             return Specialization(None, Report(signature=signature, note=f"not captured: {traced}")), _NOT_RUN
-        gm = _sharing_graph_module(traced, self.original)
         try:
+            gm = _sharing_graph_module(traced, self.original)
             output = annotate(gm, flat)
         except Exception as e:  # the original reports the user's own error, if it is one
-            warnings.warn(f"convrewrite: the captured graph of {type(self.original).__name__} failed on these inputs "
-                          f"({type(e).__name__}: {e}); they run through the original module", stacklevel=5)
-            return Specialization(None, Report(signature=signature, note=f"graph failed: {e}")), _NOT_RUN
+            return self._fallen_back(signature, "the captured graph failed on these inputs", e), _NOT_RUN
         why = opaque_root(traced)
-        report = Report(rewrite(gm, self.options).sites, signature, f"not traced: {why}" if why else "")
-        if report.rewritten and self.options.check:
-            report = self._checked(report, gm, flat)
+        try:
+            report = Report(rewrite(gm, self.options).sites, signature, f"not traced: {why}" if why else "")
+            if report.rewritten and self.options.check:
+                report = self._checked(report, gm, flat)
+        except Exception as e:  # a failure of the pass never reaches the user: this call's output stands
+            return self._fallen_back(signature, "rewriting failed", e), output
         if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
             if why and why not in self._state.warned:
                 self._state.warned.add(why)
@@ -239,6 +240,13 @@ class ConvRewriteModule(nn.Module):
             return Specialization(None, report), output
         watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
         return Specialization(gm, report, watched), output
+
+    def _fallen_back(self, signature: str, what: str, error: Exception) -> Specialization:
+        """The original, for these inputs, with one warning naming the real reason."""
+        why = f"{what} ({type(error).__name__}: {error})"
+        warnings.warn(f"convrewrite: {why}; these inputs run through the original module "
+                      f"({type(self.original).__name__})", stacklevel=6)
+        return Specialization(None, Report(signature=signature, note=f"not rewritten: {why}"))
 
     def _checked(self, report: Report, gm: fx.GraphModule, flat: tuple) -> Report:
         """``report``, or its sites back on their originals if the whole rewritten graph is

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import convrewrite
 from convrewrite.capture import META, OPAQUE, ROOT, SECONDS, CaptureError, annotate, capture, info, opaque_root
 from convrewrite.spec import CHANNELS_LAST
 
@@ -93,3 +94,37 @@ def test_a_submodule_that_calls_unfold_is_kept_whole_for_lifting():
     gm = capture(Outer())
     assert [n.target for n in gm.graph.nodes if OPAQUE in n.meta] == ["patches"]
     assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["sum"]
+
+
+class CachesBias(nn.Module):
+    """Caches a tensor computed from a parameter in a dict keyed by device, as timm's LeViT
+    caches its attention bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(4, 4, 1)
+        self.bias_table = nn.Parameter(torch.randn(4))
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias_table * 2
+        return self.proj(x) + self.cache[key][:, None, None]
+
+
+def test_tracing_leaves_nothing_in_the_module():
+    model = CachesBias()
+    attrs = set(vars(model))
+    capture(model)
+    assert model.cache == {} and set(vars(model)) == attrs
+
+
+def test_a_module_that_caches_is_optimized_twice_and_stays_equal():
+    model, x = CachesBias().eval(), torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        expected = CachesBias.forward(model, x)
+        model.cache.clear()
+        for _ in range(2):
+            torch.testing.assert_close(convrewrite.optimize(model)(x), expected)
+    assert all(type(v) is torch.Tensor for v in model.cache.values())

@@ -56,6 +56,23 @@ def test_integer_and_complex_inputs_run_as_the_original_does():
             opt(x)
 
 
+def test_a_failing_pass_falls_back_with_one_warning_and_the_model_runs_once(monkeypatch):
+    from convrewrite import module
+
+    def broken(gm, options, executor="eager"):
+        raise KeyError("a bug of the pass")
+
+    monkeypatch.setattr(module, "rewrite", broken)
+    model, x = pointwise_stack(), torch.randn(2, 4, 5, 5)
+    calls = []
+    model[0].register_forward_pre_hook(lambda m, args: calls.append(1))
+    opt = convrewrite.optimize(model)
+    with pytest.warns(UserWarning, match="rewriting failed \\(KeyError: 'a bug of the pass'\\); these inputs run"):
+        out = opt(x)
+    assert len(calls) == 1 and "KeyError" in opt.report.note
+    torch.testing.assert_close(out, model(x))
+
+
 def test_meta_tensors_run_as_the_original_does():
     """Nothing can be timed or verified on the meta device: every site keeps its original."""
     model = pointwise_stack().to("meta")

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .. import regions
-from ..capture import OPAQUE, ROOT, SECONDS, info
+from ..capture import OPAQUE, ROOT, SECONDS, info, state_kept
 from ..forms.conv import ORIGINAL
 from ..hooks import has_hooks
 from ..lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
@@ -120,10 +120,11 @@ def _cached_lift(module: torch.nn.Module, args: dict, run, operands: list[Operan
     results = _ANALYSED.setdefault(module, {})
     if key not in results:
         try:
-            lifted = lift(run, operands, out.shape, shrink=shrink, dtype=str(out.dtype).removeprefix("torch."),
-                          device=out.device.type, grad=out.requires_grad)
-            if seconds is None or seconds < RETIME_BELOW:
-                seconds = _time_source(run, operands, lifted.spec)
+            with state_kept(module):  # probes and timing runs must leave nothing in the module
+                lifted = lift(run, operands, out.shape, shrink=shrink, dtype=str(out.dtype).removeprefix("torch."),
+                              device=out.device.type, grad=out.requires_grad)
+                if seconds is None or seconds < RETIME_BELOW:
+                    seconds = _time_source(run, operands, lifted.spec)
             results[key] = (lifted, seconds)
         except NotLiftable as e:
             results[key] = e
