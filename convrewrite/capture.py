@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import time
 
@@ -135,6 +136,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, opaque: dict[str, str]):
         super().__init__()
         self.opaque, self.failed_in = opaque, ""
+        self.dict_types: dict[int, tuple] = {}  # id of a dict create_arg made -> (the traced dict's type, it)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return qualname in self.opaque or super().is_leaf_module(m, qualname)
@@ -145,6 +147,53 @@ class _Tracer(fx.Tracer):
         except Exception:
             self.failed_in = self.failed_in or self.path_of_module(m)  # the innermost module raised first
             raise
+
+    def create_arg(self, a):
+        arg = super().create_arg(a)
+        if isinstance(a, dict) and isinstance(arg, dict):
+            self.dict_types[id(arg)] = (type(a), arg)  # arg kept alive: its id stays its own
+        return arg
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        # a graph gives its outputs back as plain dicts (generated code) or fx's immutable
+        # containers (an Interpreter run, as annotate's): a model returning a dict subclass such
+        # as transformers' ModelOutput, or a list, would get another type back. So outputs, and
+        # the arguments fx builds a namedtuple from, are rebuilt by calls to their own types.
+        if kind == "output" or kind == "call_function" and _is_namedtuple(target):
+            args = tuple(self._containers_rebuilt(a) for a in args)
+        return super().create_node(kind, target, args, kwargs, name, type_expr)
+
+    def _containers_rebuilt(self, value):
+        if isinstance(value, dict):
+            items = {k: self._containers_rebuilt(v) for k, v in value.items()}
+            kind = self.dict_types.get(id(value), (dict,))[0]
+            return super().create_node("call_function", rebuilder(kind), (items,), {})
+        if isinstance(value, list):
+            items = [self._containers_rebuilt(v) for v in value]
+            return super().create_node("call_function", rebuilder(type(value)), (items,), {})
+        if isinstance(value, tuple):
+            items = [self._containers_rebuilt(v) for v in value]
+            return type(value)(*items) if _is_namedtuple(type(value)) else type(value)(items)
+        return value
+
+
+def _is_namedtuple(kind) -> bool:
+    return isinstance(kind, type) and issubclass(kind, tuple) and hasattr(kind, "_fields")
+
+
+@functools.lru_cache(maxsize=None)
+def rebuilder(kind: type):
+    """A graph function building a ``kind`` (a dict or list type) from its items: a dict by
+    keywords where every key is a string (dataclass mappings such as ``ModelOutput`` take only
+    that)."""
+
+    def rebuild(items):
+        if isinstance(items, dict) and all(isinstance(k, str) for k in items):
+            return kind(**items)
+        return kind(items)
+
+    rebuild.__name__ = rebuild.__qualname__ = f"rebuild_{kind.__name__}"
+    return rebuild
 
 
 def _opaque_root(module: torch.nn.Module, why: str) -> fx.GraphModule:

@@ -1,3 +1,5 @@
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
@@ -128,3 +130,49 @@ def test_a_module_that_caches_is_optimized_twice_and_stays_equal():
         for _ in range(2):
             torch.testing.assert_close(convrewrite.optimize(model)(x), expected)
     assert all(type(v) is torch.Tensor for v in model.cache.values())
+
+
+class Output(collections.OrderedDict):
+    """A dict subclass that also indexes by position, as transformers' ModelOutput does."""
+
+    def __getitem__(self, k):
+        return list(self.values())[k] if isinstance(k, int) else super().__getitem__(k)
+
+
+class ReturnsContainers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv1d(4, 8, 1)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return Output(hidden=y, extra={"pair": (y, y + 1), "all": [y]}), Pair(y, {"z": y})
+
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def assert_same_structure(got, expected):
+    assert type(got) is type(expected)
+    if isinstance(expected, dict):
+        assert list(got) == list(expected)
+        for k in expected:
+            assert_same_structure(got[k], expected[k])
+    elif isinstance(expected, (tuple, list)):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert_same_structure(g, e)
+
+
+@pytest.mark.parametrize("measure", [False, True])
+def test_outputs_keep_their_container_types(measure):
+    model, x = ReturnsContainers().eval(), torch.randn(2, 4, 16)
+    with torch.no_grad():
+        expected = model(x)
+        assert_same_structure(capture(model)(x), expected)
+        opt = convrewrite.optimize(model, measure=measure)
+        for _ in range(2):  # the annotating first call, then the rewritten graph
+            out = opt(x)
+            assert_same_structure(out, expected)
+            torch.testing.assert_close(out[0][0], expected[0]["hidden"])
+    assert opt.report.rewritten or not measure
