@@ -105,8 +105,22 @@ class ConvRewriteModule(nn.Module):
 
     @property
     def report(self) -> Report | None:
-        """The report of the most recent specialisation (None before the first)."""
+        """The report of the most recently built specialisation (None before the first); with
+        several input signatures, :meth:`report_for` gives the one a call runs."""
         return self._state.last_report
+
+    @property
+    def reports(self) -> list[Report]:
+        """The report of every specialisation held now, oldest first (each names its input
+        signature); ``report_for(*inputs)`` picks the one a call with those inputs runs."""
+        return [spec.report for spec in self._state.specs.values()]
+
+    def report_for(self, *args, **kwargs) -> Report | None:
+        """The report of the specialisation a call with these inputs runs (None if none is
+        built for them yet: call the module, or :meth:`specialize`, first)."""
+        flat = self._flat(args, kwargs)
+        spec = None if flat is None else self._state.specs.get(self._key(flat))
+        return None if spec is None else spec.report
 
     def specialize(self, *args, **kwargs) -> Report:
         """Capture and rewrite for these inputs now (the first call does it otherwise)."""

@@ -137,6 +137,19 @@ def test_specialises_per_signature(model_and_table):
     assert len(opt._state.specs) == 3
 
 
+def test_report_for_names_the_specialisation_a_call_runs(model_and_table):
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    small = torch.randn(2, 3, 17)
+    assert opt.report_for(x) is None and opt.reports == []
+    with torch.no_grad():
+        opt(x), opt(small), opt(x)
+        assert opt.report_for(x).signature != opt.report_for(small).signature
+        assert "50" in opt.report_for(x).signature and "17" in opt.report_for(small).signature
+        assert [r.signature for r in opt.reports] == [opt.report_for(x).signature, opt.report_for(small).signature]
+    assert opt.report_for(x) is None  # grad mode on: not specialised yet
+
+
 def test_to_dtype_respecialises(model_and_table):
     model, x, table = model_and_table
     opt = convrewrite.optimize(model, x, table=table)
