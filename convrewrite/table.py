@@ -131,13 +131,14 @@ class CostTable:
             raise TableError(f"cost table {path} is malformed: {e!r}") from None
         return table
 
-    def write(self, path: Path) -> bool:
-        """Merge this table into the file at ``path`` atomically; warn and return False on failure."""
+    def write(self, path: Path, merge: bool = True) -> bool:
+        """Merge this table into the file at ``path`` (or, with ``merge=False``, replace it)
+        atomically; warn and return False on failure."""
         path = Path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with _locked(path):
-                merged = self._merged_with_disk(path)
+                merged = self._merged_with_disk(path) if merge else self
                 fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
                 try:
                     with os.fdopen(fd, "w") as f:
@@ -399,3 +400,9 @@ def _nearest_entries(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     dist = torch.cdist(num, num).masked_fill(group[:, None] != group[None, :], math.inf).fill_diagonal_(math.inf)
     d, idx = dist.topk(HEAL_NEIGHBOURS, dim=1, largest=False)
     return idx, torch.where(d.isinf(), 0.0, 1.0 / (d + 0.5) ** 2)
+
+
+if __name__ == "__main__":  # python -m convrewrite.table: the command lives in its own module
+    from convrewrite.tablecmd import main
+
+    raise SystemExit(main())

@@ -7,7 +7,7 @@ import pytest
 
 import torch
 
-from convrewrite import check, decide, profile
+from convrewrite import check, decide, profile, tablecmd
 from convrewrite.forms import channel_mix, conv, layout_chain
 from convrewrite.forms import forms_for
 from convrewrite.measure import Timings
@@ -42,9 +42,10 @@ def check_times(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def clock(monkeypatch):
-    """Forms measured at specialisation or by the profile read their figures from here, never
-    from the clock: ``clock.seconds(spec, form_name)`` (every form 1 ms, the original 2 ms:
-    a rewrite wins unless a test says otherwise) and ``clock.busy`` (other load, in cores)."""
+    """Forms measured at specialisation, by the profile or by the table command read their
+    figures from here, never from the clock: ``clock.seconds(spec, form_name)`` (every form
+    1 ms, the original 2 ms: a rewrite wins unless a test says otherwise) and ``clock.busy``
+    (other load, in cores)."""
 
     def fake(spec, forms, **_):
         args = spec.example_inputs(torch.Generator(spec.device).manual_seed(0))
@@ -58,6 +59,7 @@ def clock(monkeypatch):
     fake.busy, fake.calls = 0.0, 0
     monkeypatch.setattr(decide, "time_forms", fake)
     monkeypatch.setattr(profile, "time_forms", fake)
+    monkeypatch.setattr(tablecmd, "time_forms", fake)
     return fake
 
 

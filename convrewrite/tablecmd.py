@@ -1,0 +1,153 @@
+"""``python -m convrewrite.table``: see, check, prune, reset, export and import this machine's cost table.
+
+    python -m convrewrite.table show              # entries, winners, how and when measured, flags
+    python -m convrewrite.table check --sample 20 # re-time a sample; report drift (--update stores it)
+    python -m convrewrite.table prune             # drop figures their neighbours contradict
+    python -m convrewrite.table reset             # delete this machine's table
+    python -m convrewrite.table export FILE       # copy it, e.g. to ship to identical machines
+    python -m convrewrite.table import FILE       # merge a table made on a machine like this one
+
+The table is the user cache dir's file for this machine's fingerprint (see
+:mod:`convrewrite.table`); ``import`` refuses a file whose fingerprint differs (another CPU,
+thread count or torch version: its figures would not hold here) unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from .forms import forms_for
+from .forms.channel_mix import ORIGINAL
+from .measure import time_forms
+from .spec import ChannelMixSpec
+from .table import CostTable, TableError, fingerprint, heal, user_table_path
+
+DRIFT = 1.25  # a re-timed figure further off than this (either way) is reported as drifted
+
+
+def _read(path: Path) -> CostTable:
+    try:
+        return CostTable.read(path)
+    except TableError as e:
+        sys.exit(f"convrewrite.table: {e}")
+
+
+def _spec(key: str) -> ChannelMixSpec | None:
+    try:
+        return ChannelMixSpec.from_key(key)
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
+def show(path: Path, limit: int) -> str:
+    """The table's entries: the spec, the fastest form and its speedup over the original, how
+    and when the figures were measured, and a flag where the neighbours contradict a figure."""
+    table = _read(path)
+    suspicious = {key for key, _ in heal(copy.deepcopy(table))}
+    rows = []
+    for key, times in list(table.entries.items())[:limit]:
+        spec, meta = _spec(key), table.meta.get(key, {})
+        best = min(times, key=times.get)
+        speedup = times[ORIGINAL] / times[best] if ORIGINAL in times else None
+        rows.append((spec.describe() if spec else key, f"{spec.mode} {spec.executor}" if spec else "-", best,
+                     f"{speedup:.2f}x" if speedup else "-", meta.get("when", "-"), meta.get("blocks", "-"),
+                     meta.get("busy", "-"), "contradicted by neighbours" if key in suspicious else ""))
+    head = (f"{path}\nfingerprint: {table.fingerprint}\n{len(table.entries)} entries"
+            f"{f' (first {limit} shown)' if len(table.entries) > limit else ''}, "
+            f"{len(suspicious)} contradicted by their neighbours (`prune` drops them)")
+    cols = ("spec", "mode", "fastest", "vs original", "measured", "blocks", "other load (cores)", "flag")
+    return f"{head}\n\n{tabulate(rows, cols)}"
+
+
+def check(path: Path, sample: int, seed: int, update: bool) -> str:
+    """Re-time a random sample of channel-mix entries and report each figure's drift;
+    ``update`` stores the new figures (clean ones only)."""
+    table = _read(path)
+    keys = [k for k in table.entries if _spec(k) is not None and _spec(k).executor == "eager"]
+    rows, fresh = [], CostTable(table.fingerprint)
+    for key in random.Random(seed).sample(keys, min(sample, len(keys))):
+        spec = _spec(key)
+        forms = [f for f in forms_for(spec) if f.name in table.entries[key]]
+        now = time_forms(spec, forms)
+        drift = max((table.entries[key][n] / now[n] for n in now), key=lambda r: max(r, 1 / r), default=1.0)
+        rows.append((spec.describe(), spec.mode, f"{drift:.2f}", "under load: not stored" if now.contended else
+                     ("drifted" if max(drift, 1 / drift) > DRIFT else "")))
+        if update and not now.contended:
+            fresh.add(key, dict(now), {f.name: f.source_hash for f in forms if f.name in now}, now.record())
+    if update and fresh.entries:
+        fresh.write(path)
+    drifted = sum(r[3] == "drifted" for r in rows)
+    head = (f"{len(rows)} of {len(table.entries)} entries re-timed; {drifted} drifted by more than {DRIFT}x"
+            f"{f'; {len(fresh.entries)} updated' if update else ''}")
+    return f"{head}\n\n{tabulate(rows, ('spec', 'mode', 'stored / now (furthest form)', 'note'))}"
+
+
+def prune(path: Path) -> str:
+    """Drop the figures :func:`convrewrite.table.heal` finds contradicted, on disk."""
+    table = _read(path)
+    dropped = heal(table)
+    if dropped:
+        table.write(path, merge=False)
+    return f"{len(dropped)} figure(s) dropped from {path}"
+
+
+def import_table(source: Path, path: Path, force: bool) -> str:
+    """Merge the table at ``source`` into this machine's (its entries win where both have one)."""
+    table = _read(source)
+    here = fingerprint(table.fingerprint.get("device", "cpu"))
+    if table.fingerprint != here and not force:
+        sys.exit(f"convrewrite.table: {source} was made on {table.fingerprint}, this machine is {here}; its figures "
+                 "would not hold here (--force imports it anyway, as this machine's)")
+    table.fingerprint = here
+    table.write(path)
+    return f"{len(table.entries)} entries merged into {path}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convrewrite.table", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="whose table (default: cpu)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("show", help="entries, winners, how and when measured").add_argument(
+        "--limit", type=int, default=50, help="entries shown (default 50)")
+    check_args = commands.add_parser("check", help="re-time a sample of entries and report drift")
+    check_args.add_argument("--sample", type=int, default=20)
+    check_args.add_argument("--seed", type=int, default=0)
+    check_args.add_argument("--update", action="store_true", help="store the new clean figures")
+    commands.add_parser("prune", help="drop figures their neighbours contradict")
+    commands.add_parser("reset", help="delete this machine's table")
+    commands.add_parser("export", help="copy this machine's table to FILE").add_argument("file", type=Path)
+    import_args = commands.add_parser("import", help="merge FILE (made on a machine like this) into this machine's table")
+    import_args.add_argument("file", type=Path)
+    import_args.add_argument("--force", action="store_true", help="import a table made on another fingerprint")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    path = user_table_path(args.device)
+    if args.command == "import":
+        print(import_table(args.file, path, args.force))
+        return 0
+    if not path.exists():
+        print(f"no table for this machine yet ({path}): optimize() and `python -m convrewrite.profile` make one")
+        return 0 if args.command in ("show", "reset") else 1
+    if args.command == "show":
+        print(show(path, args.limit))
+    elif args.command == "check":
+        print(check(path, args.sample, args.seed, args.update))
+    elif args.command == "prune":
+        print(prune(path))
+    elif args.command == "reset":
+        path.unlink()
+        print(f"deleted {path}")
+    elif args.command == "export":
+        shutil.copyfile(path, args.file)
+        print(f"{path} -> {args.file}")
+    return 0
