@@ -42,12 +42,19 @@ def test_prune_drops_what_show_flags(table):
     assert SPECS[5].key() not in CostTable.read(table).entries and len(CostTable.read(table).entries) == 11
 
 
-def test_check_reports_drift_and_update_stores_clean_figures(table, clock, capsys):
-    clock.seconds = lambda spec, name: 4e-3  # everything now 4x the stored 1 ms (baddbmm 16x)
+def test_check_reports_moved_levels_and_rankings_and_update_stores_clean_figures(table, clock, capsys):
+    clock.seconds = lambda spec, name: 4e-3  # every form now 4 ms: stored 1 ms (baddbmm 0.25 ms)
     assert tablecmd.main(["check", "--sample", "3", "--update"]) == 0
     out = capsys.readouterr().out
-    assert "3 of 12 entries re-timed; 3 drifted" in out and "3 updated" in out
+    assert "3 of 12 entries re-timed: 3 moved by more than 1.25x, 0 changed their fastest form" in out
+    assert "3 updated" in out
     assert sum(set(t.values()) == {4e-3} for t in CostTable.read(table).entries.values()) == 3
+
+
+def test_check_reports_a_changed_ranking(table, clock, capsys):
+    clock.seconds = lambda spec, name: 0.5e-3 if name == "conv" else 1e-3  # baddbmm no longer fastest
+    assert tablecmd.main(["check", "--sample", "2"]) == 0
+    assert "2 changed their fastest form by more than 1.1x" in capsys.readouterr().out
 
 
 def test_check_never_stores_figures_taken_under_load(table, clock, capsys):
