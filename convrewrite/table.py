@@ -172,9 +172,11 @@ class CostTable:
     # -- content ----------------------------------------------------------------------------
     def add(self, key: str, times: dict[str, float], form_hashes: dict[str, str], meta: dict | None = None) -> None:
         """Record measured seconds for ``key`` (and the source hashes of the forms timed, and
-        how they were measured); a new measurement replaces what the entry held."""
+        how they were measured); a new measurement replaces the whole entry: figures taken at
+        different times are not mixed in one entry (their level moves with the machine's
+        state, while decisions rest on the ranking within an entry)."""
         self.form_hashes.update(form_hashes)
-        self.entries.setdefault(key, {}).update(times)
+        self.entries[key] = dict(times)
         if meta is not None:
             self.meta[key] = meta
         self._nearest.clear()

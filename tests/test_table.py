@@ -201,3 +201,9 @@ def test_a_new_measurement_replaces_the_entry(tmp_path):
     again.add(SPEC.key(), {"conv": 2e-3, "matmul": 1e-3}, {})
     again.write(tmp_path / "t.json")
     assert CostTable.read(tmp_path / "t.json").lookup(SPEC) == {"conv": 2e-3, "matmul": 1e-3}
+
+
+def test_figures_of_different_measurements_are_not_mixed_in_one_entry(tmp_path):
+    t = table_with([(SPEC, {"conv": 4e-3, "matmul": 2e-3, "linear": 3e-3})])
+    t.add(SPEC.key(), {"conv": 2e-3, "matmul": 1e-3}, {})  # a later measurement without linear
+    assert t.lookup(SPEC) == {"conv": 2e-3, "matmul": 1e-3}
