@@ -14,8 +14,9 @@ The protocol (each step answers a way figures went wrong on a shared machine):
   and the blocks that escaped are the ones that tell the op's own cost.
 - **A contention signal.** While timing, the CPU time the *rest of the machine* used is read
   from ``/proc/stat`` (less this process's own, and counting a hypervisor's steal). A figure
-  taken while others used more than ``BUSY_CORES`` of a core, or whose blocks spread by more
-  than ``SPREAD_LIMIT``, is :attr:`Timings.contended`: usable for a decision now, never stored as
+  taken while others used more than ``BUSY_CORES`` of a core, while this process's threads
+  waited for a CPU more than ``WAITED_CORES`` of the time (``/proc/self/task/*/schedstat``),
+  or whose blocks spread by more than ``SPREAD_LIMIT``, is :attr:`Timings.contended`: usable for a decision now, never stored as
   if it were clean (see :mod:`convrewrite.table`).
 - **More blocks under load, and an error that load does not widen.** Contended figures are
   timed for up to ``LOADED_ROUNDS`` times more rounds. Each figure's standard error
@@ -29,6 +30,7 @@ defaults to one thread, which is not what a model runs with).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -51,6 +53,7 @@ QUANTILE = 0.25  # the figure of a callable: this quantile of its blocks' per-ca
 # this very process, which /proc/stat cannot tell from ours, show up here
 SPREAD_LIMIT = 1.0
 BUSY_CORES = 0.25  # other processes' CPU use, in cores, above which a figure is contended
+WAITED_CORES = 0.1  # our threads' run-queue wait, in cores, above which too (quiet here: 0.005-0.015)
 LOADED_ROUNDS = 2  # contended figures are timed for this many more times the rounds asked for
 WARM_CALLS = 8  # at most this many warm-up calls per callable
 WARM_AGREE = 0.25  # warm once two calls in a row agree within this (relative)
@@ -65,6 +68,7 @@ class Timings(Mapping):
     relative to it. ``busy``: the CPU the rest of the machine used while timing, in cores
     (``nan`` where unknown). ``blocks``: blocks timed per callable. ``spread``: each
     callable's interquartile range over its blocks, relative to its lower quartile.
+    ``waited``: the time this process's threads waited for a CPU, in cores.
     """
 
     seconds: dict[str, float]
@@ -72,6 +76,7 @@ class Timings(Mapping):
     busy: float = float("nan")
     blocks: int = 0
     spread: dict[str, float] = dataclasses.field(default_factory=dict)
+    waited: float = float("nan")
 
     def __getitem__(self, name: str) -> float:
         return self.seconds[name]
@@ -87,7 +92,7 @@ class Timings(Mapping):
         """Whether other load may have moved these figures (they decide now, but are never
         stored as clean)."""
         bursts = any(s > SPREAD_LIMIT for s in self.spread.values())
-        return bursts or (not math.isnan(self.busy) and self.busy > BUSY_CORES)
+        return bursts or _over(self.busy, BUSY_CORES) or _over(self.waited, WAITED_CORES)
 
     @property
     def noise(self) -> float:
@@ -98,6 +103,7 @@ class Timings(Mapping):
         """How these figures were taken, as a cost-table entry keeps it."""
         return {"blocks": self.blocks, "spread": round(max(self.spread.values(), default=0.0), 4),
                 "busy": None if math.isnan(self.busy) else round(self.busy, 3),
+                "waited": None if math.isnan(self.waited) else round(self.waited, 3),
                 "threads": torch.get_num_threads(), "when": datetime.date.today().isoformat()}
 
     def without(self, name) -> "Timings":
@@ -137,18 +143,28 @@ def _timed_while_it_takes(timers: dict, rounds: int) -> Timings:
     ``LOADED_ROUNDS`` times more: each figure's error shrinks with the blocks it has, so a
     busy machine costs time, not a wrong or indecisive figure. ``busy``: the most seen."""
     samples: dict[str, list[float]] = {name: [] for name in timers}
-    busy = float("nan")
+    busy = waited = float("nan")
     for _ in range(1 + LOADED_ROUNDS):
         with _CpuWatch() as watch:
             for name, blocks in _interleaved(timers, rounds).items():
                 samples[name] += blocks
-        busy = watch.busy_cores if math.isnan(busy) else max(busy, watch.busy_cores)
+        busy, waited = _most(busy, watch.busy_cores), _most(waited, watch.waited_cores)
         timings = Timings({n: _quantile(s, QUANTILE) for n, s in samples.items()},
                           {n: _relative_error(s, QUANTILE) for n, s in samples.items()}, busy,
-                          len(next(iter(samples.values()), ())), {n: _relative_iqr(s) for n, s in samples.items()})
+                          len(next(iter(samples.values()), ())), {n: _relative_iqr(s) for n, s in samples.items()},
+                          waited)
         if not timings.contended:
             break
     return timings
+
+
+def _most(a: float, b: float) -> float:
+    """The larger reading, ``nan`` only where both are unknown."""
+    return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
+
+
+def _over(reading: float, limit: float) -> bool:
+    return not math.isnan(reading) and reading > limit
 
 
 def _warm_up(timer: benchmark.Timer) -> float:
@@ -199,24 +215,33 @@ def _relative_iqr(values: list[float]) -> float:
 
 
 class _CpuWatch:
-    """CPU time the rest of the machine used during a ``with`` block, in cores.
+    """Contention during a ``with`` block, in cores: the CPU the rest of the machine used
+    (``busy_cores``) and the time this process's threads waited for a CPU (``waited_cores``).
 
-    ``/proc/stat``'s busy time of all CPUs (steal included: a hypervisor running other guests
-    on our cores is load too), less this process's own user and system time. Reads ``nan``
-    where ``/proc/stat`` is missing (not Linux).
+    ``busy_cores``: ``/proc/stat``'s busy time of all CPUs (steal included: a hypervisor
+    running other guests on our cores is load too), less this process's own user and system
+    time. ``waited_cores``: the run-queue wait of this process's threads
+    (``/proc/self/task/*/schedstat``): our spinning OpenMP threads can starve another
+    process to a quarter of a core, and then it is our threads that wait. Each reads ``nan``
+    where its source is missing (not Linux).
     """
 
-    busy_cores = float("nan")
+    busy_cores = waited_cores = float("nan")
 
     def __enter__(self) -> "_CpuWatch":
-        self._start = (_machine_busy_s(), _own_cpu_s(), time.perf_counter())
+        self._start = (_machine_busy_s(), _own_cpu_s(), _waited_s(), time.perf_counter())
         return self
 
     def __exit__(self, *exc) -> None:
-        machine, own, wall = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
-        if machine is not None and self._start[0] is not None and wall > self._start[2]:
+        machine, own, waited, wall = _machine_busy_s(), _own_cpu_s(), _waited_s(), time.perf_counter()
+        elapsed = wall - self._start[3]
+        if elapsed <= 0:
+            return
+        if machine is not None and self._start[0] is not None:
             others = (machine - self._start[0]) - (own - self._start[1])
-            self.busy_cores = max(others, 0.0) / (wall - self._start[2])
+            self.busy_cores = max(others, 0.0) / elapsed
+        if waited is not None and self._start[2] is not None:
+            self.waited_cores = max(waited - self._start[2], 0.0) / elapsed
 
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
@@ -232,6 +257,21 @@ def _machine_busy_s() -> float | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
     return (user + nice + system + irq + softirq + steal) * _TICK_S
+
+
+def _waited_s() -> float | None:
+    """Seconds this process's threads have waited on a run queue (their schedstat's second
+    field), or None where it cannot be read."""
+    total = 0
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in threads:
+        with contextlib.suppress(OSError, IndexError, ValueError):  # a thread may end meanwhile
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+    return total / 1e9
 
 
 def _own_cpu_s() -> float:

@@ -37,12 +37,14 @@ def test_the_flush_is_not_charged_to_the_callables():
 @pytest.fixture
 def simulated(monkeypatch):
     """Callables return the seconds a call "took"; the clock reads those, never real time.
-    ``simulated.busy``: the seconds of CPU the rest of the machine used per reading."""
+    ``simulated.busy``: the seconds of CPU the rest of the machine used per reading;
+    ``simulated.waited``: the seconds this process's threads waited for a CPU per reading."""
     monkeypatch.setattr(measure, "_timer", lambda fn: fn)
     monkeypatch.setattr(measure, "_block", lambda fn, number: fn())
-    clock = type("Clock", (), {"busy": 0.0})()
-    machine = iter(range(10**6))
+    clock = type("Clock", (), {"busy": 0.0, "waited": 0.0})()
+    machine, queue = iter(range(10**6)), iter(range(10**6))
     monkeypatch.setattr(measure, "_machine_busy_s", lambda: next(machine) * clock.busy)
+    monkeypatch.setattr(measure, "_waited_s", lambda: next(queue) * clock.waited)
     return clock
 
 
@@ -76,10 +78,22 @@ def test_figures_are_contended_when_other_processes_use_the_cpu(simulated, monke
     assert not quiet.contended and quiet.blocks == 3
 
 
+def test_figures_are_contended_when_our_threads_wait_for_a_cpu(simulated, monkeypatch):
+    """Our spinning threads can starve a busy process to a quarter core: then we wait."""
+    monkeypatch.setattr(measure, "_own_cpu_s", lambda: 0.0)
+    monkeypatch.setattr(measure.time, "perf_counter", itertools.count().__next__)  # 1 s per reading
+    simulated.waited = 0.5
+    times = measure.time_callables({"op": lambda: 1e-3}, rounds=3)
+    assert times.busy == 0.0 and times.waited > measure.WAITED_CORES and times.contended
+    assert times.record()["waited"] == times.waited
+
+
 def test_a_machine_without_proc_stat_reads_unknown_load_not_busy(simulated, monkeypatch):
     monkeypatch.setattr(measure, "_machine_busy_s", lambda: None)
+    monkeypatch.setattr(measure, "_waited_s", lambda: None)
     times = measure.time_callables({"op": lambda: 1e-3}, rounds=3)
-    assert math.isnan(times.busy) and not times.contended and times.record()["busy"] is None
+    assert math.isnan(times.busy) and math.isnan(times.waited) and not times.contended
+    assert times.record()["busy"] is None and times.record()["waited"] is None
 
 
 def test_noise_is_the_error_of_a_ratio_of_two_figures():
