@@ -16,8 +16,8 @@ The protocol (each step answers a way figures went wrong on a shared machine):
   from ``/proc/stat`` (less this process's own, and counting a hypervisor's steal). A figure
   taken while others used more than ``BUSY_CORES`` of a core, while this process's threads
   waited for a CPU more than ``WAITED_CORES`` of the time (``/proc/self/task/*/schedstat``),
-  or whose blocks spread by more than ``SPREAD_LIMIT``, is :attr:`Timings.contended`: usable for a decision now, never stored as
-  if it were clean (see :mod:`convrewrite.table`).
+  or whose blocks spread by more than ``SPREAD_LIMIT``, is :attr:`Timings.contended`: usable
+  for a decision now, never stored as if it were clean (see :mod:`convrewrite.table`).
 - **More blocks under load, and an error that load does not widen.** Contended figures are
   timed for up to ``LOADED_ROUNDS`` times more rounds. Each figure's standard error
   (:attr:`Timings.error`) comes from the blocks near its quantile only, so the slow blocks a
@@ -141,7 +141,8 @@ def time_callables(fns: dict[str, Callable[[], object]], *, rounds: int = 15, bl
 def _timed_while_it_takes(timers: dict, rounds: int) -> Timings:
     """``rounds`` interleaved rounds, and while the figures are contended up to
     ``LOADED_ROUNDS`` times more: each figure's error shrinks with the blocks it has, so a
-    busy machine costs time, not a wrong or indecisive figure. ``busy``: the most seen."""
+    busy machine costs time, not a wrong or indecisive figure. ``busy`` and ``waited``: the
+    most seen in any of those runs."""
     samples: dict[str, list[float]] = {name: [] for name in timers}
     busy = waited = float("nan")
     for _ in range(1 + LOADED_ROUNDS):

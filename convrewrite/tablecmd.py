@@ -75,10 +75,10 @@ def check(path: Path, sample: int, seed: int, update: bool) -> str:
     fastest form now more than ``MARGIN`` behind the fastest); ``update`` stores the new
     figures (clean ones only)."""
     table = _read(path)
-    keys = [k for k in table.entries if _spec(k) is not None and _spec(k).executor == "eager"]
+    specs = {k: spec for k in table.entries if (spec := _spec(k)) is not None and spec.executor == "eager"}
     rows, fresh = [], CostTable(table.fingerprint)
-    for key in random.Random(seed).sample(keys, min(sample, len(keys))):
-        spec, stored = _spec(key), table.entries[key]
+    for key in random.Random(seed).sample(sorted(specs), min(sample, len(specs))):
+        spec, stored = specs[key], table.entries[key]
         forms = [f for f in forms_for(spec) if f.name in stored]
         now = time_forms(spec, forms)
         level = statistics.median(stored[n] / now[n] for n in now)
