@@ -71,6 +71,14 @@ def convrewrite_backend(gm: fx.GraphModule, example_inputs, options: dict | None
     """Rewrite a dynamo graph, compile it with the inner compiler, and (with ``check``) run the
     fastest of it and the graph as dynamo gave it (also with inductor's 1x1-as-mm lowering)."""
     pass_options, inner = parse_options(options)
+    compiled = compile_graph(gm, example_inputs, pass_options, inner, mode)
+    return compiled.only or compiled
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inner, mode: str | None = None
+                  ) -> "FastestCompiled":
+    """The backend's work on one dynamo graph: rewrite it, compile it and its variants with
+    ``inner``; the result runs the fastest of them and holds the report."""
     annotate_from_meta(gm)
     original = _graph_copy(gm) if pass_options.check else None
     report = rewrite(gm, pass_options, executor="inductor" if inner == "inductor" else "eager")
@@ -81,10 +89,6 @@ def convrewrite_backend(gm: fx.GraphModule, example_inputs, options: dict | None
         original = None
     variants = _variants(original, gm, report, inner)
     compiled = {name: _compile(inner, graph, example_inputs, mode, patches) for name, (graph, patches) in variants.items()}
-    if len(compiled) == 1:
-        (name, fn), = compiled.items()
-        log.info("%s", report.running(name))
-        return fn
     params = {id(p): p for p in (*example_inputs, *gm.parameters()) if isinstance(p, nn.Parameter) and p.requires_grad}
     return FastestCompiled(compiled, report, list(params.values()))
 
@@ -94,12 +98,18 @@ class FastestCompiled:
     (copies of) the first call's inputs: at run time, not inside dynamo's compile, where a
     backward that aot_autograd compiles on first use cannot be compiled. The graph as dynamo
     gave it runs unless another is faster by the check's margin and by ``FRAME_S`` per call.
-    ``report``: the pass's report, with the times and the choice once made."""
+    ``report``: the pass's report, with the times and the choice once made; ``only``: the one
+    compiled graph, where there was nothing to choose between (it is returned to dynamo
+    itself, with no wrapper around its calls)."""
 
     def __init__(self, compiled: dict[str, Callable], report, params: list):
         self.compiled, self.report, self._params = compiled, report, params
-        self._run = None
+        self._run = self.only = None
         self._lock = threading.Lock()
+        if len(compiled) == 1:  # nothing to choose between: this graph runs
+            (name, self.only), = compiled.items()
+            self._run, self.report = self.only, report.running(name)
+            log.info("%s", self.report)
 
     def __call__(self, *args):
         if self._run is None:

@@ -29,6 +29,7 @@ OPAQUE = "convrewrite_opaque"  # node.meta key: why this module's forward was no
 SECONDS = "convrewrite_seconds"  # node.meta key: how long an opaque call took when annotated
 ROOT = "convrewrite_root"  # the target of the one call in the graph of an untraceable root
 UNFOLDS = "calls unfold: analysed as one call"
+SITE_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)  # the layers the rules rewrite
 
 
 class CaptureError(RuntimeError):
@@ -211,6 +212,15 @@ def _opaque_root(module: torch.nn.Module, why: str) -> fx.GraphModule:
     call.meta[OPAQUE] = why
     graph.output(call)
     return fx.GraphModule({ROOT: module}, graph, type(module).__name__)
+
+
+def hidden_sites(gm: fx.GraphModule) -> list[str]:
+    """Paths of the modules fx could not trace through that hold a conv or linear layer:
+    sites only a capture that sees into Python (dynamo) can find. Modules kept opaque on
+    purpose (a sliding window, lifted whole) are not counted."""
+    return [n.target for n in gm.graph.nodes
+            if n.op == "call_module" and n.meta.get(OPAQUE) not in (None, UNFOLDS)
+            and any(isinstance(m, SITE_LAYERS) for m in gm.get_submodule(n.target).modules())]
 
 
 def opaque_root(gm: fx.GraphModule) -> str | None:

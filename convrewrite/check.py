@@ -46,14 +46,16 @@ CPU_FLUSH_BYTES = 4 << 20  # more than the L2 cache of the cores a graph runs on
 FRAME_S = 25e-6
 
 
-def whole_graph_times(original: Callable, rewritten: fx.GraphModule, model: nn.Module, flat: tuple) -> Timings:
-    """Seconds per call of ``original`` (the model's own forward) and ``rewritten`` (a graph
-    over ``model``'s parameters) on copies of ``flat``, timed warm and side by side; the
-    model's buffers and RNG state are kept."""
-    leaves = pytree.tree_map_only(torch.Tensor, _copy, flat)
+def whole_graph_times(original: Callable, rewritten: Callable, model: nn.Module, args: tuple,
+                      kwargs: dict | None = None) -> Timings:
+    """Seconds per call of ``original`` (the model's own forward) and ``rewritten`` (a graph,
+    or a compiled forward, over ``model``'s parameters) on copies of the arguments, timed warm
+    and side by side; the model's buffers and RNG state are kept."""
+    leaves = pytree.tree_map_only(torch.Tensor, _copy, (args, kwargs or {}))
     params = [p for p in model.parameters() if p.requires_grad]
-    fns = {ORIGINAL: _step(original, leaves, params), REWRITTEN: _step(rewritten.forward, leaves, params)}
-    with _buffers_swapped(model), torch.random.fork_rng(devices=_cuda_devices(flat)):
+    fns = {name: _step(lambda a, k, fn=fn: fn(*a, **k), leaves, params)
+           for name, fn in ((ORIGINAL, original), (REWRITTEN, rewritten))}
+    with _buffers_swapped(model), torch.random.fork_rng(devices=_cuda_devices(args)):
         return _side_by_side(fns)
 
 

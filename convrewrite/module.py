@@ -3,8 +3,10 @@
 It shares the original's parameter, buffer and submodule dicts, so ``state_dict()`` keys and
 values are the original's, an optimizer over either trains both, and ``train()``/``eval()``
 reach the same submodules; each rewritten graph shares them too, so parameters or submodules
-reassigned later are what runs. Each new input signature is captured, rewritten and cached.
-Whatever cannot be captured or run that way runs through the original module, unchanged.
+reassigned later are what runs. Each new input signature is captured, rewritten and cached:
+by ``torch.fx`` where it can trace the forward, else through dynamo
+(:mod:`convrewrite.dynamo_route`). Whatever cannot be captured or run that way runs through
+the original module, unchanged.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import inspect
 import operator
 import threading
 import warnings
+from typing import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import ROOT, CaptureError, annotate, capture, opaque_root
+from .capture import ROOT, CaptureError, annotate, capture, hidden_sites, opaque_root
 from .check import ORIGINAL, REWRITTEN, rewrite_wins, whole_graph_times
+from .dynamo_route import DynamoRoute
 from .hooks import global_hooks, has_hooks, own_hooks
 from .options import Options
 from .passes import rewrite
@@ -33,11 +37,14 @@ MAX_SPECIALIZATIONS = 64  # input signatures kept per module; the oldest is drop
 
 @dataclasses.dataclass
 class Specialization:
-    """The graph run for one input signature (None: run the original), and its report."""
+    """What runs for one input signature, and its report: the rewritten graph ``gm`` (called
+    with forward's arguments in order), else the ``compiled`` forward (called as forward is),
+    else (both None) the original's own forward."""
 
     gm: fx.GraphModule | None
     report: Report
     watched: tuple[nn.Module, ...] = ()  # rewritten modules: a hook added to one invalidates the graph
+    compiled: Callable | None = None
 
     def stale(self) -> bool:
         return any(own_hooks(m) for m in self.watched)
@@ -52,9 +59,12 @@ class _State:
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     warned: set = dataclasses.field(default_factory=set)  # reasons already warned about
     last_report: Report | None = None
+    dynamo: DynamoRoute | None = None  # made at the first signature fx cannot capture
 
 
 _training = operator.attrgetter("training")
+# fx's own check where this torch has it (is_fx_tracing is also true under torch.export, and warns so)
+_fx_tracing = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -118,8 +128,7 @@ class ConvRewriteModule(nn.Module):
     def report_for(self, *args, **kwargs) -> Report | None:
         """The report of the specialisation a call with these inputs runs (None if none is
         built for them yet: call the module, or :meth:`specialize`, first)."""
-        flat = self._flat(args, kwargs)
-        spec = None if flat is None else self._state.specs.get(self._key(flat))
+        spec = self._state.specs.get(self._call_key(args, kwargs))
         return None if spec is None else spec.report
 
     def specialize(self, *args, **kwargs) -> Report:
@@ -132,12 +141,7 @@ class ConvRewriteModule(nn.Module):
         return self._specialization_for(args, kwargs).gm
 
     def _specialization_for(self, args, kwargs) -> Specialization:
-        flat = self._flat(args, kwargs)
-        if flat is None:
-            why = "forward takes *args or **kwargs" if self.__dict__["_convrewrite_arity"] is None else \
-                "the arguments do not bind to forward's signature"
-            return Specialization(None, Report(note=f"not captured: {why}"))
-        return self._specialization(flat)[0]
+        return self._specialized(args, kwargs, self._flat(args, kwargs))[0]
 
     def __call__(self, *args, **kwargs):
         # nn.Module.__call__ adds two frames and its own hook checks to every call, a measurable
@@ -156,7 +160,7 @@ class ConvRewriteModule(nn.Module):
             key = (_grad_enabled(), flags, x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
             spec = d["_state"].specs.get(key)
             if spec is not None and not (spec.watched and spec.stale()):
-                return original.forward(x) if spec.gm is None else spec.gm.forward(x)
+                return spec.gm.forward(x) if spec.gm is not None else (spec.compiled or original.forward)(x)
         return self._dispatch(args, kwargs)
 
     def forward(self, *args, **kwargs):
@@ -169,17 +173,18 @@ class ConvRewriteModule(nn.Module):
         d = self.__dict__
         original = d["_convrewrite_original"]
         flat = args if not kwargs and len(args) == d["_convrewrite_arity"] else self._flat(args, kwargs)
-        if flat is None:
-            return original(*args, **kwargs)
-        spec = d["_state"].specs.get(self._key(flat))
+        spec = d["_state"].specs.get(self._key(flat) if flat is not None else self._call_key(args, kwargs))
         if spec is None or spec.watched and spec.stale():
-            if torch.compiler.is_compiling() or torch._C._get_tracing_state():  # no specialising inside a trace
+            if torch.compiler.is_compiling() or torch._C._get_tracing_state() or _fx_tracing():
+                # no specialising inside a trace (the outer optimize() of a model holding this one, say)
                 return original(*args, **kwargs)
-            spec, output = self._specialization(flat)
+            spec, output = self._specialized(args, kwargs, flat)
             if output is not _NOT_RUN:
                 return output
         # forward, not __call__: the root has no hooks (checked by the caller)
-        return spec.gm.forward(*flat) if spec.gm is not None else original.forward(*args, **kwargs)
+        if spec.gm is not None:
+            return spec.gm.forward(*flat)
+        return (spec.compiled or original.forward)(*args, **kwargs)
 
     # -- specialisation ---------------------------------------------------------------------
     def _flat(self, args, kwargs) -> tuple | None:
@@ -211,8 +216,27 @@ class ConvRewriteModule(nn.Module):
             return (_grad_enabled(), flags, v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
         return (_grad_enabled(), flags, *map(_value_key, flat))
 
-    def _specialization(self, flat: tuple):
-        state, key = self._state, self._key(flat)
+    def _call_key(self, args: tuple, kwargs: dict) -> tuple:
+        """The key of a call: :meth:`_key` where the arguments bind to forward's parameters,
+        else grad mode, the root's training flag and the arguments as given (dynamo's guards
+        cover the rest of a compiled forward's assumptions)."""
+        flat = self._flat(args, kwargs)
+        if flat is not None:
+            return self._key(flat)
+        return (_grad_enabled(), "as given", self.original.training, _value_key(args), _value_key(kwargs))
+
+    def _specialized(self, args: tuple, kwargs: dict, flat: tuple | None):
+        """The specialisation for this call, and its output if building it ran the call."""
+        if flat is not None:
+            return self._cached(self._key(flat), lambda: self._build(flat))
+        if self.__dict__["_convrewrite_arity"] is not None:  # the original raises the call's own error
+            return Specialization(None, Report(note="not captured: the arguments do not bind to forward's "
+                                                    "signature")), _NOT_RUN
+        return self._cached(self._call_key(args, kwargs), lambda: self._through_dynamo(args, kwargs))
+
+    def _cached(self, key: tuple, build: Callable):
+        """The specialisation for ``key``, built (and this call run) if there is none yet."""
+        state = self._state
         spec = state.specs.get(key)
         if spec is not None and not spec.stale():
             return spec, _NOT_RUN
@@ -220,7 +244,7 @@ class ConvRewriteModule(nn.Module):
             spec = state.specs.get(key)
             if spec is not None and not spec.stale():
                 return spec, _NOT_RUN
-            spec, output = self._build(flat)
+            spec, output = build()
             state.specs.pop(key, None)
             if len(state.specs) >= MAX_SPECIALIZATIONS:
                 state.specs.pop(next(iter(state.specs)))
@@ -233,8 +257,8 @@ class ConvRewriteModule(nn.Module):
         once on these inputs (its output is this call's), and rewrite."""
         signature = describe(flat)
         traced = self._trace(flat)
-        if isinstance(traced, str):
-            return Specialization(None, Report(signature=signature, note=f"not captured: {traced}")), _NOT_RUN
+        if isinstance(traced, str) or hidden_sites(traced):  # dynamo sees into what fx cannot trace
+            return self._through_dynamo(*_as_call(self._forward_signature, flat))
         try:
             gm = _sharing_graph_module(traced, self.original)
             output = annotate(gm, flat)
@@ -255,6 +279,17 @@ class ConvRewriteModule(nn.Module):
         watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
         return Specialization(gm, report, watched), output
 
+    def _through_dynamo(self, args: tuple, kwargs: dict):
+        """Capture through dynamo (see :mod:`convrewrite.dynamo_route`), running this call."""
+        state, signature = self._state, describe((*args, *kwargs.values()))
+        if state.dynamo is None:
+            state.dynamo = DynamoRoute(self.original, self.options)
+        try:
+            compiled, report, output = state.dynamo.specialize(args, kwargs, signature)
+        except Exception as e:  # the original reports the user's own error, if it is one
+            return self._fallen_back(signature, "capture through dynamo failed", e), _NOT_RUN
+        return Specialization(None, report, compiled=compiled if report.rewritten else None), output
+
     def _fallen_back(self, signature: str, what: str, error: Exception) -> Specialization:
         """The original, for these inputs, with one warning naming the real reason."""
         why = f"{what} ({type(error).__name__}: {error})"
@@ -267,7 +302,7 @@ class ConvRewriteModule(nn.Module):
         not clearly faster than the model's own forward on these inputs."""
         if any(has_hooks(m) for m in self.original.modules()):  # timing would run them again and again
             return report.noted("whole graph not checked: the model has hooks")
-        times = whole_graph_times(_positional(self.original.forward, self._forward_signature), gm,
+        times = whole_graph_times(_positional(self.original.forward, self._forward_signature), gm.forward,
                                   self.original, flat)
         if len(times) < 2:
             return report.kept_original("kept original: the whole-graph check could not run both graphs")
@@ -361,12 +396,17 @@ def _sharing_graph_module(traced: fx.GraphModule, original: nn.Module) -> fx.Gra
 def _positional(forward, signature: inspect.Signature):
     """``forward`` called with the arguments in its parameter order, as the graphs take them
     (keyword-only parameters passed by name)."""
-    params = list(signature.parameters.values())
-    if all(p.kind != p.KEYWORD_ONLY for p in params):
+    if all(p.kind != p.KEYWORD_ONLY for p in signature.parameters.values()):
         return forward
+    return lambda *flat: (lambda args, kwargs: forward(*args, **kwargs))(*_as_call(signature, flat))
+
+
+def _as_call(signature: inspect.Signature, flat: tuple) -> tuple[tuple, dict]:
+    """Forward's arguments in parameter order as a call passes them: positional, and
+    keyword-only ones by name."""
+    params = list(signature.parameters.values())
     n = sum(p.kind != p.KEYWORD_ONLY for p in params)
-    names = [p.name for p in params[n:]]
-    return lambda *flat: forward(*flat[:n], **dict(zip(names, flat[n:])))
+    return flat[:n], {p.name: v for p, v in zip(params[n:], flat[n:])}
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module | None:

@@ -1,0 +1,78 @@
+"""optimize()'s second capture: through dynamo, for modules ``symbolic_trace`` cannot capture.
+
+Hugging Face models take ``**kwargs``, branch on their inputs and build their outputs as
+``ModelOutput`` objects; timm and torchvision blocks compute sizes in Python. fx cannot trace
+such a forward, and a module it cannot trace hides every site inside it. Dynamo can: it
+splits the forward into graphs at what it cannot capture, guards each on what it assumed,
+and rebuilds the outputs itself. So the module's forward is compiled with the pass as the
+backend and the eager executor: each graph dynamo captures is rewritten, verified and
+checked against itself as captured (:func:`convrewrite.backend.compile_graph`), and runs as
+plain torch ops, gradients included.
+
+Dynamo's frame costs some microseconds a call, and graph breaks cost more: a call signature
+keeps the compiled forward only if that, timed warm against the module's own forward, wins
+by the check's margin (:mod:`convrewrite.check`); otherwise, and wherever no graph was
+rewritten, the module's own forward runs with no dynamo at all.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .backend import FastestCompiled, compile_graph
+from .check import rewrite_wins, whole_graph_times
+from .options import Options
+from .report import Report
+
+
+class DynamoRoute:
+    """The compiled forward of one module, and what its first call under each signature decided."""
+
+    def __init__(self, module: nn.Module, options: Options):
+        self.module, self.options = module, options
+        self._compiled = torch.compile(module.forward, backend=self._backend, dynamic=False)
+        self._new: list[FastestCompiled] = []  # graphs compiled during the call being specialised
+        self._lock = threading.RLock()
+
+    def specialize(self, args: tuple, kwargs: dict, signature: str) -> tuple[Callable, Report, object]:
+        """Run the compiled forward once on these arguments (dynamo captures and the pass
+        rewrites what this call reaches), check it and say what runs from now on: the
+        callable, its report, and this call's output."""
+        with self._lock:
+            self._new = []
+            output = self._compiled(*args, **kwargs)
+            report = _merged([c.report for c in self._new], signature)
+        if not report.rewritten:
+            return self.module.forward, report, output
+        if self.options.check:
+            report = self._checked(report, args, kwargs)
+        return (self._compiled if report.rewritten else self.module.forward), report, output
+
+    def _backend(self, gm, example_inputs):
+        compiled = compile_graph(gm, example_inputs, self.options, "eager")
+        self._new.append(compiled)
+        return compiled.only or compiled
+
+    def _checked(self, report: Report, args: tuple, kwargs: dict) -> Report:
+        times = whole_graph_times(self.module.forward, self._compiled, self.module, args, kwargs)
+        line = ", ".join(f"{name} {t * 1e3:.3f} ms" for name, t in times.items())
+        line = f"whole model through dynamo, warm, on these inputs: {line}"
+        if len(times) < 2 or not rewrite_wins(times):
+            return report.kept_original("kept original: the compiled forward was not faster than the module's "
+                                        "own").noted(line)
+        return report.noted(line)
+
+
+def _merged(reports: list[Report], signature: str) -> Report:
+    """One report for the graphs a call compiled (each already says which of its compiled
+    variants runs, and keeps its sites' originals where the rewritten one does not)."""
+    if not reports:
+        return Report(signature=signature, note="captured by dynamo: no new graph (it reuses graphs already "
+                                                "compiled, or dynamo ran the forward as written)")
+    notes = [f"captured by dynamo: {len(reports)} graph(s)", *(r.note for r in reports if r.note)]
+    return Report(tuple(s for r in reports for s in r.sites), signature, "\n".join(notes))
