@@ -16,10 +16,13 @@ import copy
 import dataclasses
 import functools
 import inspect
+import math
+import operator
 import time
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .lift import MAX_OPERANDS
 from .spec import layout_of
@@ -27,6 +30,7 @@ from .spec import layout_of
 META = "convrewrite"
 OPAQUE = "convrewrite_opaque"  # node.meta key: why this module's forward was not traced through
 SECONDS = "convrewrite_seconds"  # node.meta key: how long an opaque call took when annotated
+SIZE = "convrewrite_size"  # node.meta key: the size (int or torch.Size) a size computation gave
 ROOT = "convrewrite_root"  # the target of the one call in the graph of an untraceable root
 UNFOLDS = "calls unfold: analysed as one call"
 SITE_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)  # the layers the rules rewrite
@@ -229,15 +233,85 @@ def opaque_root(gm: fx.GraphModule) -> str | None:
     return None if node is None else node.meta[OPAQUE]
 
 
+class _DataDependence(TorchDispatchMode):
+    """Notes whether an op ran whose output's shape or value depends on tensor data
+    (``nonzero``, boolean indexing, ``unique``, ``.item()``: torch tags them)."""
+
+    TAGS = frozenset({torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output})
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen = self.seen or not self.TAGS.isdisjoint(func.tags)
+        return func(*args, **(kwargs or {}))
+
+
 class _Annotator(fx.Interpreter):
+    def __init__(self, gm):
+        super().__init__(gm)
+        # Entering a dispatch mode imports dynamo: only graphs that read sizes pay for it.
+        self._sizes_read = any(_reads_sizes(n) for n in gm.graph.nodes)
+        self._data_shaped: set[fx.Node] = set()  # nodes whose sizes may change with the data
+
     def run_node(self, node):
-        start = time.perf_counter()
-        result = super().run_node(node)
-        if OPAQUE in node.meta:
+        if OPAQUE in node.meta:  # timed as it runs for the user; what it does inside is unseen
+            start = time.perf_counter()
+            result = super().run_node(node)
             node.meta[SECONDS] = time.perf_counter() - start
+            self._data_shaped.add(node)
+        elif self._sizes_read:
+            with _DataDependence() as mode:
+                result = super().run_node(node)
+            if mode.seen or not self._data_shaped.isdisjoint(node.all_input_nodes):
+                self._data_shaped.add(node)
+        else:
+            result = super().run_node(node)
         if isinstance(result, torch.Tensor) and result.layout == torch.strided:
             node.meta[META] = TensorInfo.of(result)
+        elif self._sizes_read and node not in self._data_shaped and _computes_size(node, result):
+            node.meta[SIZE] = result
         return result
+
+
+_SIZE_METHODS = frozenset({"size", "dim", "numel"})
+_SIZE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                              operator.mod, operator.neg, math.ceil, math.floor, max, min})
+
+
+def _reads_sizes(node: fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's sizes: ``x.shape``, ``x.size(1)``, ``x.dim()``."""
+    if node.op == "call_method":
+        return node.target in _SIZE_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+
+
+def _computes_size(node: fx.Node, result) -> bool:
+    """Whether ``node`` reads a tensor's sizes, or does integer arithmetic on nothing but
+    such sizes and constants."""
+    if not isinstance(result, (int, torch.Size)) or isinstance(result, bool):
+        return False
+    if _reads_sizes(node):
+        return True
+    return (node.op == "call_function" and node.target in _SIZE_ARITHMETIC
+            and all(SIZE in n.meta for n in node.all_input_nodes))
+
+
+def fold_sizes(gm: fx.GraphModule) -> None:
+    """Put the sizes :func:`annotate` saw in place of the nodes that computed them, in a graph
+    specialised to one input signature (whose sizes are therefore fixed): a loop over kernel
+    taps sliced ``x[..., k:k + T]`` with ``T = x.shape[-1]`` then reads as fixed slices, as it
+    does when dynamo captures it, and the rules can analyse it."""
+    sizes = [n for n in gm.graph.nodes if SIZE in n.meta]
+    fixed = lambda n: n.meta[SIZE] if SIZE in n.meta else n  # noqa: E731
+    for node in sizes:
+        for user in list(node.users):
+            user.args, user.kwargs = fx.node.map_arg(user.args, fixed), fx.node.map_arg(user.kwargs, fixed)
+    for node in reversed(sizes):
+        if not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def annotate(gm: fx.GraphModule, args: tuple):

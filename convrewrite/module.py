@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import ROOT, CaptureError, annotate, capture, hidden_sites, opaque_root
+from .capture import ROOT, CaptureError, annotate, capture, fold_sizes, hidden_sites, opaque_root
 from .check import ORIGINAL, REWRITTEN, rewrite_wins, whole_graph_times
 from .dynamo_route import DynamoRoute
 from .hooks import global_hooks, has_hooks, own_hooks
@@ -262,6 +262,7 @@ class ConvRewriteModule(nn.Module):
         try:
             gm = _sharing_graph_module(traced, self.original)
             output = annotate(gm, flat)
+            fold_sizes(gm)
         except Exception as e:  # the original reports the user's own error, if it is one
             return self._fallen_back(signature, "the captured graph failed on these inputs", e), _NOT_RUN
         why = opaque_root(traced)

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 import convrewrite
-from convrewrite.capture import META, OPAQUE, ROOT, SECONDS, CaptureError, annotate, capture, info, opaque_root
+from convrewrite.capture import (META, OPAQUE, ROOT, SECONDS, SIZE, CaptureError, annotate, capture, fold_sizes, info,
+                                 opaque_root)
 from convrewrite.spec import CHANNELS_LAST
 
 
@@ -176,3 +177,54 @@ def test_outputs_keep_their_container_types(measure):
             assert_same_structure(out, expected)
             torch.testing.assert_close(out[0][0], expected[0]["hidden"])
     assert opt.report.rewritten or not measure
+
+
+class SizeArithmetic(nn.Module):
+    def forward(self, x):
+        n, c = x.shape[0], x.size(1)
+        half = (x.shape[-1] + 1) // 2
+        return x[..., :half].reshape(n * c, -1) * x.dim() + x.new_ones(x.numel(), 1).sum() * x.sum()
+
+
+def test_fold_sizes_puts_the_annotated_sizes_in_the_graph():
+    model, x = SizeArithmetic(), torch.randn(2, 3, 7)
+    gm = capture(model)
+    annotate(gm, (x,))
+    assert sum(SIZE in n.meta for n in gm.graph.nodes) >= 7
+    fold_sizes(gm)
+    kinds = {(n.op, getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes}
+    assert not {("call_function", "getattr"), ("call_method", "size"), ("call_method", "dim"),
+                ("call_method", "numel"), ("call_function", "floordiv")} & kinds
+    torch.testing.assert_close(gm(x), model(x))
+    assert any(n.args[1:] == (6, -1) for n in gm.graph.nodes if n.target == "reshape")
+
+
+def test_fold_sizes_keeps_integers_read_from_tensor_data():
+    class Data(nn.Module):
+        def forward(self, x):
+            count = (x > 0).long().sum().item()  # an int, from the data: differs between calls
+            return x * (count + x.shape[0])
+
+    model, x = Data(), torch.randn(2, 3)
+    gm = capture(model)
+    annotate(gm, (x,))
+    fold_sizes(gm)
+    item = next(n for n in gm.graph.nodes if n.target == "item")
+    assert SIZE not in item.meta and all(SIZE not in u.meta for u in item.users)
+    torch.testing.assert_close(gm(-x), model(-x))
+
+
+def test_fold_sizes_keeps_the_sizes_of_tensors_shaped_by_their_data():
+    class Selected(nn.Module):
+        def forward(self, x):
+            picked = x[x > 0]  # as many elements as x has positive ones
+            return picked * picked.shape[0] + x[x.shape[0] - 1:].sum()
+
+    model, x = Selected(), torch.randn(4, 3)
+    gm = capture(model)
+    annotate(gm, (x,))
+    fold_sizes(gm)
+    shapes_read = [n.args[0] for n in gm.graph.nodes if n.target is getattr]
+    assert [n.name for n in shapes_read] == ["getitem"]  # picked's, not x's: x's shape is folded
+    torch.testing.assert_close(gm(-x), model(-x))
+    torch.testing.assert_close(gm(x.abs()), model(x.abs()))

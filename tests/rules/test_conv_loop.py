@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import convrewrite
 from convrewrite.backend import annotate_from_meta
-from convrewrite.capture import annotate, capture
+from convrewrite.capture import annotate, capture, fold_sizes
 from convrewrite.rules import conv_loop
 from tests import loops
 from tests.helpers import assert_same_outputs_and_grads
@@ -25,6 +25,7 @@ def loop_specs(model, *inputs):
                     if isinstance(x, torch.Tensor) else x for x in inputs]
             gm = capture(model)
             annotate(gm, args)
+            fold_sizes(gm)
             specs += [s.spec for s in conv_loop.find(gm) if s.spec is not None]
     return specs
 
@@ -224,3 +225,26 @@ def test_a_loop_that_traced_is_lifted_by_optimize(fake_table):
     assert_same_outputs_and_grads(model, opt, x)
     (row,) = opt.report.rewritten
     assert row.pattern == conv_loop.PATTERN and "groups=4" in row.shape
+
+
+class CausalTaps(FixedTaps):
+    """The same loop sliced by the input's own length (``x.shape[-1]``), as a causal depthwise
+    conv over time is usually written: fx makes the bounds graph values."""
+
+    def forward(self, x):
+        length = x.shape[-1]
+        xpad = F.pad(x, (self.k - 1, 0))
+        y = 0
+        for t in range(self.k):
+            y = y + self.w[:, t:t + 1] * xpad[..., t:t + length]
+        return y
+
+
+def test_a_loop_sliced_by_the_inputs_sizes_is_lifted_per_signature(fake_table):
+    model, x, longer = CausalTaps(), torch.randn(2, 4, 30), torch.randn(3, 4, 41)
+    specs = loop_specs(model, x) + loop_specs(model, longer)
+    opt = convrewrite.optimize(model, table=fake_table(specs, original_time=1e-9))
+    for inputs in (x, longer, x):
+        assert_same_outputs_and_grads(model, opt, inputs)
+        (row,) = opt.report_for(inputs.requires_grad_()).rewritten
+        assert row.pattern == conv_loop.PATTERN and "groups=4" in row.shape
