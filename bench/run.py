@@ -35,14 +35,15 @@ import torch.nn as nn
 from tabulate import tabulate
 
 import convrewrite
-from convrewrite import crossover
+from convrewrite.kinds.channel_mix import crossover
 from convrewrite.decide import choose
 from convrewrite.forms import forms_for, registered_names
-from convrewrite.forms.channel_mix import ORIGINAL
+from convrewrite.kinds.channel_mix.forms import ORIGINAL
 from convrewrite.measure import time_callables, time_forms
 from convrewrite.options import Options
-from convrewrite.profile import MODES, build, random_spec
-from convrewrite.spec import ChannelMixSpec
+from convrewrite.kinds.channel_mix.grid import random_spec
+from convrewrite.profile import MODES, build
+from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.table import CostTable, fingerprint, load_table
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -236,7 +237,7 @@ def _quality(choices: list[dict]) -> dict:
 
 
 def bench_crossover(args) -> dict:
-    """Every channel-mix form timed over the crossover grid (``convrewrite.crossover``), drawn
+    """Every channel-mix form timed over the crossover grid (``convrewrite.kinds.channel_mix.crossover``), drawn
     to crossover.png when matplotlib is installed."""
     specs = crossover.grid()
     table = CostTable(fingerprint("cpu"))

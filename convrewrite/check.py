@@ -26,11 +26,11 @@ from collections.abc import Mapping
 from typing import Callable
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .decide import beats
+from .device import cache_flush, rng_kept
 from .measure import Timings, time_callables
 
 ROUNDS = 9
@@ -38,7 +38,6 @@ BLOCK_S = 0.002
 CLEAR_WIN = 3.0  # after one warm round, a candidate this much faster (or slower) needs no more rounds
 MARGIN = 1.05  # a candidate must beat the original by this much: whole-graph timings here vary by about 5%
 ORIGINAL, REWRITTEN = "original", "rewritten"  # candidate names: the graph as written, and rewritten
-CPU_FLUSH_BYTES = 4 << 20  # more than the L2 cache of the cores a graph runs on
 # Per call, dynamo's frame around a compiled graph cost 16-80 us on the bench's CPU, differing
 # by up to 40 us between compiled forms of one graph (seed 002: 26 us around inductor's loop
 # kernel, 47 us around the grouped conv), which timing the graphs directly cannot see. A
@@ -55,7 +54,7 @@ def whole_graph_times(original: Callable, rewritten: Callable, model: nn.Module,
     params = [p for p in model.parameters() if p.requires_grad]
     fns = {name: _step(lambda a, k, fn=fn: fn(*a, **k), leaves, params)
            for name, fn in ((ORIGINAL, original), (REWRITTEN, rewritten))}
-    with _buffers_swapped(model), torch.random.fork_rng(devices=_cuda_devices(args)):
+    with _buffers_swapped(model), rng_kept(args):
         return _side_by_side(fns)
 
 
@@ -66,9 +65,9 @@ def compiled_times(fns: dict[str, Callable], example_inputs: list, params: list[
     copied, so buffers and inputs written in place (BatchNorm's statistics) are left as they
     were; the RNG state is restored."""
     leaves = [t if isinstance(t, nn.Parameter) or not isinstance(t, torch.Tensor) else _copy(t) for t in example_inputs]
-    with torch.random.fork_rng(devices=_cuda_devices(example_inputs)):
+    with rng_kept(example_inputs):
         return _side_by_side({name: _step(fn, leaves, params) for name, fn in fns.items()},
-                             flush=_cache_flush(example_inputs))
+                             flush=cache_flush(example_inputs))
 
 
 def rewrite_wins(times: Mapping[str, float]) -> bool:
@@ -94,24 +93,6 @@ def _side_by_side(fns: dict[str, Callable], flush: Callable | None = None) -> Ti
         return times
     return time_callables(fns, rounds=ROUNDS, block_s=BLOCK_S, flush=flush)
 
-
-def _cache_flush(values) -> Callable:
-    """Overwrites a buffer larger than the cache each call, as triton's ``do_bench`` does
-    between calls: called back to back, a graph finds its working set still in cache, as it
-    does not when called through dynamo's frame or between other work. On seed 002's 0.1 ms
-    loop that put a grouped conv 7% ahead of inductor's loop kernel when timed back to back
-    and 13% behind through the frame; flushed, the two tie."""
-    cuda = _cuda_devices(values)
-    if cuda:
-        device = torch.device("cuda", cuda[0])
-        size = torch.cuda.get_device_properties(device).L2_cache_size
-    else:
-        device, size = torch.device("cpu"), CPU_FLUSH_BYTES
-    return torch.empty(size // 4, dtype=torch.int, device=device).zero_
-
-
-def _cuda_devices(values) -> list[int]:
-    return sorted({t.device.index or 0 for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor) and t.is_cuda})
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ rewritten, the module's own forward runs with no dynamo at all.
 from __future__ import annotations
 
 import threading
-import warnings
 from typing import Callable
 
 import torch

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 from torch.utils import benchmark
 
+from .device import generator
 from .forms import Form
 
 QUANTILE = 0.25  # the figure of a callable: this quantile of its blocks' per-call times
@@ -325,5 +326,5 @@ def form_call(form: Form, spec, args: tuple) -> Callable[[], object]:
 def time_forms(spec, forms: list[Form], *, rounds: int = 15, block_s: float = 0.001) -> Timings:
     """Seconds per call of each form on random inputs shaped like ``spec`` (drawn from a
     private generator: measuring must not move the user's random number stream)."""
-    args = spec.example_inputs(torch.Generator(spec.device).manual_seed(0))
+    args = spec.example_inputs(generator(spec.device, 0))
     return time_callables({f.name: form_call(f, spec, args) for f in forms}, rounds=rounds, block_s=block_s)

@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
-import platform
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from .device import device_type, fingerprint
+from .forms import source_hashes
+from .kinds import get_kind, kinds, parse_key
 
 VERSION = 4  # 2: spec keys carry the executor; 3: and train-w; 4: figures of the warm, low-quantile protocol, with meta
 TABLES_DIR = Path(__file__).parent / "tables"
@@ -43,31 +47,6 @@ HEAL_NEIGHBOURS = 4
 
 class TableError(ValueError):
     """A cost-table file that cannot be used (truncated, corrupt, wrong version or device)."""
-
-
-def fingerprint(device="cpu") -> dict:
-    """What identifies a machine's timings: on CPU the model, ISA, threads and torch version;
-    on CUDA the device name, capability, and CUDA/cuDNN/torch versions."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        return {
-            "device": "cuda", "name": torch.cuda.get_device_name(index),
-            "capability": list(torch.cuda.get_device_capability(index)),
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "torch": torch.__version__,
-        }
-    return {
-        "device": "cpu", "model": _cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-    }
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def cache_dir() -> Path:
@@ -86,12 +65,8 @@ def user_table_path(device="cpu") -> Path:
 
 
 def shipped_table_path(device="cpu") -> Path:
-    """The table shipped in the package for this device type (CUDA: per device name)."""
-    fp = fingerprint(device)
-    if fp["device"] == "cuda":
-        name = "".join(c if c.isalnum() else "-" for c in fp["name"].lower())
-        return TABLES_DIR / f"cuda-{name}.json"
-    return TABLES_DIR / "cpu.json"
+    """The table shipped in the package for this device type (accelerators: per device name)."""
+    return TABLES_DIR / device_type(device).table_name(fingerprint(device))
 
 
 @dataclasses.dataclass
@@ -183,8 +158,7 @@ class CostTable:
 
     def _drop_stale_forms(self) -> None:
         """Forget timings of forms whose source changed since they were measured."""
-        from .forms import _REGISTRY
-        current = {name: f.source_hash for forms in _REGISTRY.values() for name, f in forms.items()}
+        current = source_hashes()
         stale = {n for n, h in self.form_hashes.items() if n in current and current[n] != h}
         for times in self.entries.values():
             for name in stale:
@@ -218,8 +192,8 @@ class CostTable:
         scored = self._neighbours(spec, original)
         if not scored:
             return {}
-        log_orig = _weighted([(d, math.log(t[original] / _work(o))) for d, o, t, _ in scored[:NEIGHBOURS]])
-        t_orig = math.exp(log_orig) * _work(spec)
+        log_orig = _weighted([(d, math.log(t[original] / o.work())) for d, o, t, _ in scored[:NEIGHBOURS]])
+        t_orig = math.exp(log_orig) * spec.work()
         out = {original: t_orig}
         for name in names:
             near = [(d, math.log(t[name] / t[original])) for d, o, t, _ in scored if name in t][:NEIGHBOURS]
@@ -247,7 +221,7 @@ class CostTable:
         scored = []
         for own, entries in ((True, self.entries), (False, self.prior)):
             for key, times in entries.items():
-                parsed = _parsed(key, type(spec))
+                parsed = _parsed(key)
                 if parsed is None or original not in times or parsed[0].partition() != spec.partition():
                     continue
                 other, ocat, onum = parsed
@@ -263,25 +237,12 @@ def _weighted(pairs: list[tuple[float, float]]) -> float:
     return sum(w * v for w, (_, v) in zip(weights, pairs)) / sum(weights)
 
 
-def _work(spec) -> float:
-    """A rough size of the work (multiply-adds plus elements moved), only to scale times."""
-    positions = spec.batch * math.prod(spec.out_spatial)
-    return positions * (spec.in_channels * spec.out_channels / spec.groups + spec.in_channels + spec.out_channels)
-
-
-_PARSED: dict[str, tuple | None] = {}
-
-
-def _parsed(key: str, spec_type) -> tuple | None:
-    """(spec, categorical, numeric features) of a table key, parsed once per process; None
-    for keys of another spec kind."""
-    if key not in _PARSED:
-        try:
-            spec = spec_type.from_key(key)
-            _PARSED[key] = (spec, *spec.features())
-        except ValueError:
-            _PARSED[key] = None
-    return _PARSED[key]
+@functools.lru_cache(maxsize=1 << 16)
+def _parsed(key: str) -> tuple | None:
+    """(spec, categorical, numeric features) of a table key of a predictable kind, parsed once
+    per process; None for keys of other kinds."""
+    spec = parse_key(key)
+    return None if spec is None else (spec, *spec.features())
 
 
 @contextlib.contextmanager
@@ -333,8 +294,8 @@ def load_table(device="cpu", path: str | os.PathLike | None = None) -> CostTable
 
 
 def _warn_unparsable(table: CostTable) -> None:
-    from .spec import ChannelMixSpec
-    bad = [k for k in table.entries if k.startswith(ChannelMixSpec.kind + "|") and _parsed(k, ChannelMixSpec) is None]
+    predictable = {k.name for k in kinds() if k.predictable}
+    bad = [k for k in table.entries if k.split("|", 1)[0] in predictable and _parsed(k) is None]
     if bad:
         warnings.warn(f"convrewrite: {len(bad)} entries of cost table {table.origin} have keys this version cannot "
                       f"read (e.g. {bad[0]!r}); they are ignored", stacklevel=3)
@@ -364,13 +325,11 @@ def heal(table: CostTable) -> list[tuple[str, str]]:
     work')``). A form's time more than ``HEAL_FACTOR`` above that bound for most (by weight)
     of its ``HEAL_NEIGHBOURS`` nearest entries is dropped; so is the whole entry of a dropped
     original."""
-    from .forms.channel_mix import ORIGINAL
-    from .spec import ChannelMixSpec
-    keys = [k for k in table.entries if _parsed(k, ChannelMixSpec) is not None]
+    keys = [k for k in table.entries if _parsed(k) is not None]
     if len(keys) <= HEAL_NEIGHBOURS:
         return []
     nearest, weights = _nearest_entries(keys)
-    work = torch.tensor([_work(_parsed(k, ChannelMixSpec)[0]) for k in keys], dtype=torch.float64)
+    work = torch.tensor([_parsed(k)[0].work() for k in keys], dtype=torch.float64)
     allowed = torch.maximum(work[:, None] / work[nearest], torch.ones(()))  # times a neighbour's, at most
     dropped = []
     for name in sorted({n for k in keys for n in table.entries[k]}):
@@ -380,7 +339,7 @@ def heal(table: CostTable) -> list[tuple[str, str]]:
         off = ((w * too_slow).sum(1) > 0.5 * w.sum(1)) & ((w > 0).sum(1) >= 2)
         dropped += [(keys[i], name) for i in off.nonzero().flatten().tolist()]
     for key, name in dropped:
-        if name == ORIGINAL:
+        if name == get_kind(_parsed(key)[0].kind).original:
             table.entries.pop(key, None)
             table.meta.pop(key, None)
         elif key in table.entries:
@@ -394,10 +353,9 @@ def _nearest_entries(keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """For each key, the indices of its ``HEAL_NEIGHBOURS`` nearest other keys with the same
     categorical features and partition (log2 size distance, as :meth:`CostTable.predict`
     measures it), and their weights (0 where fewer exist)."""
-    from .spec import ChannelMixSpec
-    parsed = [_parsed(k, ChannelMixSpec) for k in keys]
+    parsed = [_parsed(k) for k in keys]
     groups: dict = {}
-    group = torch.tensor([groups.setdefault((p[1], p[0].partition()), len(groups)) for p in parsed])
+    group = torch.tensor([groups.setdefault((p[0].kind, p[1], p[0].partition()), len(groups)) for p in parsed])
     num = torch.tensor([p[2] for p in parsed], dtype=torch.float64)
     dist = torch.cdist(num, num).masked_fill(group[:, None] != group[None, :], math.inf).fill_diagonal_(math.inf)
     d, idx = dist.topk(HEAL_NEIGHBOURS, dim=1, largest=False)

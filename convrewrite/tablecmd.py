@@ -22,13 +22,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 from tabulate import tabulate
 
+from .device import device_type
 from .forms import forms_for
-from .forms.channel_mix import ORIGINAL
+from .kinds import get_kind, parse_key
 from .measure import time_forms
-from .spec import ChannelMixSpec
 from .table import CostTable, TableError, fingerprint, heal, user_table_path
 
 DRIFT = 1.25  # an entry whose figures moved by more than this (either way) is reported
@@ -42,11 +41,8 @@ def _read(path: Path) -> CostTable:
         sys.exit(f"convrewrite.table: {e}")
 
 
-def _spec(key: str) -> ChannelMixSpec | None:
-    try:
-        return ChannelMixSpec.from_key(key)
-    except (ValueError, KeyError, IndexError):
-        return None
+def _original(spec) -> str | None:
+    return None if spec is None else get_kind(spec.kind).original
 
 
 def show(path: Path, limit: int) -> str:
@@ -56,9 +52,9 @@ def show(path: Path, limit: int) -> str:
     suspicious = {key for key, _ in heal(copy.deepcopy(table))}
     rows = []
     for key, times in list(table.entries.items())[:limit]:
-        spec, meta = _spec(key), table.meta.get(key, {})
-        best = min(times, key=times.get)
-        speedup = times[ORIGINAL] / times[best] if ORIGINAL in times else None
+        spec, meta = parse_key(key), table.meta.get(key, {})
+        best, original = min(times, key=times.get), _original(spec)
+        speedup = times[original] / times[best] if original in times else None
         rows.append((spec.describe() if spec else key, f"{spec.mode} {spec.executor}" if spec else "-", best,
                      f"{speedup:.2f}x" if speedup else "-", meta.get("when", "-"), meta.get("blocks", "-"),
                      meta.get("busy", "-"), "contradicted by neighbours" if key in suspicious else ""))
@@ -70,12 +66,12 @@ def show(path: Path, limit: int) -> str:
 
 
 def check(path: Path, sample: int, seed: int, update: bool) -> str:
-    """Re-time a random sample of channel-mix entries and report, for each, how far its level
+    """Re-time a random sample of entries (of predictable kinds: the channel mix) and report, for each, how far its level
     moved (the median over forms of stored / now) and whether its ranking did (the stored
     fastest form now more than ``MARGIN`` behind the fastest); ``update`` stores the new
     figures (clean ones only)."""
     table = _read(path)
-    specs = {k: spec for k in table.entries if (spec := _spec(k)) is not None and spec.executor == "eager"}
+    specs = {k: spec for k in table.entries if (spec := parse_key(k)) is not None and spec.executor == "eager"}
     rows, fresh = [], CostTable(table.fingerprint)
     for key in random.Random(seed).sample(sorted(specs), min(sample, len(specs))):
         spec, stored = specs[key], table.entries[key]
@@ -139,8 +135,12 @@ def main(argv=None) -> int:
     import_args.add_argument("file", type=Path)
     import_args.add_argument("--force", action="store_true", help="import a table made on another fingerprint")
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here")
+    try:
+        available = device_type(args.device).available()
+    except (ValueError, RuntimeError) as e:  # not a device type torch or convrewrite knows
+        parser.error(f"--device {args.device}: {e}")
+    if not available:
+        parser.error(f"--device {args.device}: not available here")
     path = user_table_path(args.device)
     if args.command == "import":
         print(import_table(args.file, path, args.force))

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from convrewrite import check, decide, profile, tablecmd
-from convrewrite.forms import channel_mix, conv, layout_chain
 from convrewrite.forms import forms_for
+from convrewrite.kinds import kinds
 from convrewrite.measure import Timings
 from convrewrite.table import CostTable, fingerprint
 
-ORIGINALS = {m.KIND: m.ORIGINAL for m in (channel_mix, conv, layout_chain)}
+ORIGINALS = {kind.name: kind.original for kind in kinds()}
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from torch.nn.modules import module as nn_module
 
 import convrewrite
 from convrewrite.forms import unregister_form
-from convrewrite.forms.channel_mix import conv
+from convrewrite.kinds.channel_mix.forms import conv
 from convrewrite.module import ConvRewriteModule
 from convrewrite.rewrite import site_calls
 

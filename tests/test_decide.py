@@ -4,7 +4,7 @@ import pytest
 
 from convrewrite.decide import CONTENDED, MEASURED, NONE, PREDICTED, TABLE, beats, choose
 from convrewrite.options import Options
-from convrewrite.spec import ChannelMixSpec
+from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.table import CostTable, fingerprint, user_table_path
 
 SPEC = ChannelMixSpec(4, 8, 16, (32,))

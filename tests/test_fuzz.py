@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import convrewrite
 from convrewrite.forms import forms_for, registered_names
-from convrewrite.spec import ChannelMixSpec
+from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.table import CostTable, fingerprint
 
 DTYPES = {"float32": (torch.float32, 1e-4), "float64": (torch.float64, 1e-9), "bfloat16": (torch.bfloat16, 5e-2)}

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convrewrite.forms.conv import conv_direct
+from convrewrite.kinds.conv.forms import conv_direct
 from convrewrite.lift import NotLiftable, Operand, lift
 from tests import loops
 

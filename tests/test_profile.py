@@ -1,14 +1,11 @@
 """The profile CLI, on a tiny grid (its figures are not checked, only that it builds a table)."""
 
-import math
-import random
 import subprocess
 import sys
 
 import pytest
 
 from convrewrite import profile
-from convrewrite.spec import ChannelMixSpec
 from convrewrite.table import CostTable, user_table_path
 
 
@@ -24,23 +21,6 @@ def test_quick_profile_writes_a_table(tmp_path, capsys):
 def test_default_output_is_the_user_table(isolated_cache):
     assert profile.main(["--quick", "--specs", "1", "--mode", "infer"]) == 0
     assert len(CostTable.read(user_table_path("cpu")).entries) == 1
-
-
-@pytest.mark.parametrize("realistic", [False, True])
-def test_random_specs_are_seeded_and_bounded(realistic):
-    def draw(seed):
-        rng = random.Random(seed)
-        return [profile.random_spec(rng, realistic=realistic) for _ in range(20)]
-
-    first = draw(5)
-    assert [s.key() for s in first] == [s.key() for s in draw(5)]
-    assert len({s.key() for s in first}) == 20
-    for spec in first:
-        macs = spec.batch * math.prod(spec.out_spatial) * spec.in_channels * spec.out_channels / spec.groups
-        assert isinstance(spec, ChannelMixSpec) and macs <= profile.MAX_MACS
-        if realistic:
-            assert spec.in_channels % 8 == 0 or spec.in_channels < 8
-            assert spec.batch & (spec.batch - 1) == 0
 
 
 @pytest.mark.parametrize("argv, message", [(["--mode", "both"], "--mode"), (["--dtype", "fp16"], "not a torch float dtype"),
@@ -68,7 +48,7 @@ def test_help_explains_the_command():
 def test_cuda_without_cuda_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         profile.main(["--device", "cuda"])
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert "--device cuda: not available here" in capsys.readouterr().err
 
 
 def test_specs_timed_under_load_are_left_out_and_said(tmp_path, clock, capsys):

@@ -3,12 +3,12 @@ import torch.nn as nn
 
 from convrewrite.capture import annotate, capture
 from convrewrite.forms import Form, get_form
-from convrewrite.forms.channel_mix import conv
+from convrewrite.kinds.channel_mix.forms import conv
 from convrewrite.options import Options
 from convrewrite.passes import rewrite
 from convrewrite.rewrite import emit, site_calls, verify
 from convrewrite.rules import find_sites
-from convrewrite.spec import ChannelMixSpec
+from convrewrite.kinds.channel_mix import ChannelMixSpec
 
 SPEC = ChannelMixSpec(2, 4, 6, (5, 5))
 

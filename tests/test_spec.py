@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from convrewrite.spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, ChannelMixSpec, layout_of, to_layout
+from convrewrite.spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, layout_of, to_layout
+from convrewrite.kinds.channel_mix import ChannelMixSpec
 
 
 def test_key_round_trips_every_field():

@@ -8,7 +8,7 @@ import pytest
 
 from convrewrite import table as table_module
 from convrewrite.forms import forms_for
-from convrewrite.spec import ChannelMixSpec
+from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.table import (CostTable, TableError, fingerprint, load_table, shipped_table_path,
                                user_table_path)
 

@@ -1,13 +1,12 @@
 """``python -m convrewrite.table``: show, check, prune, reset, export and import, on fake tables."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 
 from convrewrite import tablecmd
-from convrewrite.spec import ChannelMixSpec
+from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.table import CostTable, fingerprint, user_table_path
 
 SPECS = [ChannelMixSpec(2 ** (i % 5), 8 + i, 16, (16 + i,)) for i in range(12)]

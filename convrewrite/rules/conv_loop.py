@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from .. import regions
 from ..capture import OPAQUE, ROOT, SECONDS, info, state_kept
-from ..forms.conv import ORIGINAL
+from ..kinds.conv.forms import ORIGINAL
 from ..hooks import has_hooks
 from ..lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
 from ..measure import time_callables, time_once

@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture import info
-from ..forms.layout_chain import ORIGINAL
+from ..kinds.layout_chain.forms import ORIGINAL
 from ..hooks import has_hooks
-from ..spec import ChainSpec
+from ..kinds.layout_chain import ChainSpec
 from . import Site
 from .pointwise_conv import FLOAT_DTYPES, FUNCTIONS, conv_call_args, runs_own_forward
 

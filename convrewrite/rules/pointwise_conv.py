@@ -17,9 +17,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import info
-from ..forms.channel_mix import ORIGINAL
+from ..kinds.channel_mix.forms import ORIGINAL
 from ..hooks import has_hooks
-from ..spec import ChannelMixSpec
+from ..kinds.channel_mix import ChannelMixSpec
 from . import Site
 
 PATTERN = "pointwise conv"

@@ -1,4 +1,4 @@
-"""Forms of a convolution lifted from user code (:class:`~convrewrite.spec.ConvSpec`).
+"""Forms of a convolution lifted from user code (:class:`~convrewrite.kinds.conv.ConvSpec`).
 
 Each takes the operands in the code's own layouts: :func:`conv_input` and :func:`conv_weight`
 view them as ``[N, C, *spatial]`` and ``[C_out, C_in / groups, *kernel]``, and
@@ -13,8 +13,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..spec import ConvSpec
-from . import register_form
+from ...forms import register_form
+from .spec import ConvSpec
 
 KIND = ConvSpec.kind
 ORIGINAL = "conv_direct"  # the reference form: one F.convNd call

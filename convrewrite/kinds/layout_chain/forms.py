@@ -1,13 +1,6 @@
 """Forms of a layout chain: the chain as written, or run in the input's own layout.
 
-The chain's ops are tuples (see ``ChainSpec``):
-
-- ``("mix", cin, cout, has_bias)``: ``y = W x + b`` over the channel axis (Linear or 1x1 conv)
-- ``("ln", C, eps, has_weight, has_bias)``: LayerNorm over the channel axis
-- ``("act", name[, arg])``: an elementwise activation
-- ``("scale", C)`` / ``("shift", C)``: times / plus a per-channel parameter
-- ``("mul"|"add"|"sub"|"div", number)``: with a Python number
-- ``("contiguous",)``: a copy the source made (kept as written, dropped when the permutes go)
+The chain's ops are the records of :mod:`.spec` (``Mix``, ``LayerNorm``, ...).
 
 ``as_written`` permutes, runs the ops along the permuted channel axis and permutes back, as
 the source does. The other forms drop both permutes and run the ops along the input's own
@@ -20,12 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import ChainSpec
-from . import register_form
+from ...forms import register_form
+from .spec import ChainSpec, Gelu
 
 KIND = ChainSpec.kind
 ORIGINAL = "as_written"
 
+_SCALAR_OPS = {"mul": torch.mul, "add": torch.add, "sub": torch.sub, "div": torch.div}
 _ACTIVATIONS = {
     "relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
     "hardswish": F.hardswish, "identity": lambda y: y,
@@ -33,9 +27,9 @@ _ACTIVATIONS = {
 
 
 def _activation(y, op):
-    if op[1] == "gelu":
-        return F.gelu(y, approximate=op[2])
-    return _ACTIVATIONS[op[1]](y)
+    if isinstance(op, Gelu):
+        return F.gelu(y, approximate=op.approximate)
+    return _ACTIVATIONS[op.name](y)
 
 
 def _mix_linear(y, w, b):
@@ -75,21 +69,20 @@ def _run(ops, y, params, channels_last: bool, mix, keep_copies: bool):
     along = (lambda p, y: p.reshape(-1)) if channels_last else _along_dim1
     it = iter(params)
     for op in ops:
-        kind = op[0]
-        if kind == "mix":
+        if op.op == "mix":
             y = mix(y, next(it), next(it))
-        elif kind == "ln":
+        elif op.op == "ln":
             w, b = next(it), next(it)
-            y = F.layer_norm(y, (op[1],), w, b, op[2]) if channels_last else _layer_norm_dim1(y, w, b, op[2])
-        elif kind == "act":
+            y = F.layer_norm(y, (op.channels,), w, b, op.eps) if channels_last else _layer_norm_dim1(y, w, b, op.eps)
+        elif op.op == "act":
             y = _activation(y, op)
-        elif kind == "scale":
+        elif op.op == "scale":
             y = y * along(next(it), y)
-        elif kind == "shift":
+        elif op.op == "shift":
             y = y + along(next(it), y)
-        elif kind in ("mul", "add", "sub", "div"):
-            y = {"mul": torch.mul, "add": torch.add, "sub": torch.sub, "div": torch.div}[kind](y, op[1])
-        elif kind == "contiguous" and keep_copies:
+        elif op.op in _SCALAR_OPS:
+            y = _SCALAR_OPS[op.op](y, op.value)
+        elif op.op == "contiguous" and keep_copies:
             y = y.contiguous()
     return y
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..spec import CHANNELS_LAST, ChannelMixSpec, to_layout
-from . import register_form
+from ...forms import register_form
+from ...spec import CHANNELS_LAST, to_layout
+from .spec import ChannelMixSpec
 
 KIND = ChannelMixSpec.kind
 ORIGINAL = "conv"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .forms import registered_names
-from .forms.channel_mix import ORIGINAL
+from ...forms import registered_names
+from .forms import ORIGINAL
 from .spec import ChannelMixSpec
 
 BATCH = 8

@@ -3,12 +3,14 @@
 A form is ``fn(x, *params, spec) -> y`` (for a channel mix, ``fn(x, w, b, *, spec)``). The
 profiler times it and the rewrite emits the very
 same function, so what is measured is what runs. Register your own with :func:`register_form`;
-profiling, choosing, testing and benchmarking pick it up by name.
+profiling, choosing, testing and benchmarking pick it up by name. The built-in forms live
+with their spec kind, in :mod:`convrewrite.kinds`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 from typing import Callable
@@ -32,7 +34,7 @@ class Form:
     def __call__(self, x, *params, spec):
         return self.fn(x, *params, spec=spec)
 
-    @property
+    @functools.cached_property
     def source_hash(self) -> str:
         """Hash of the form's source, so editing a form invalidates its old timings."""
         try:
@@ -45,10 +47,18 @@ class Form:
 def register_form(kind: str, name: str | None = None, supports: Callable = _always) -> Callable:
     """Decorator: register ``fn(x, *params, spec)`` as a form of spec ``kind``.
 
-    ``supports(spec) -> bool`` says whether the form computes that spec exactly; a form is
-    only timed and only chosen where it does. Re-registering a name replaces the old form;
-    a name is unique across spec kinds.
+    Kinds: ``"channel_mix"`` (a pointwise conv: ``fn(x, w, b, *, spec)``, ``spec`` a
+    ``ChannelMixSpec``), ``"layout_chain"`` (channel-wise ops between a permute and its
+    inverse: ``fn(x, *params, spec)``, a ``ChainSpec``), ``"conv"`` (a convolution lifted from
+    code: ``fn(x, w, b, *, spec)``, a ``ConvSpec``), and any kind registered with
+    :func:`convrewrite.kinds.register_kind`. ``supports(spec) -> bool`` says whether the form
+    computes that spec exactly; a form is only timed and only chosen where it does.
+    Re-registering a name replaces the old form; a name is unique across spec kinds.
     """
+    from . import kinds
+
+    if kind not in kinds.known():
+        raise ValueError(f"no spec kind {kind!r}; kinds: {', '.join(kinds.known())}")
 
     def decorate(fn: Callable) -> Callable:
         form = Form(kind, name or fn.__name__, fn, supports)
@@ -67,7 +77,15 @@ def unregister_form(kind: str, name: str) -> None:
 
 
 def _load_builtins() -> None:
-    from . import channel_mix, conv, layout_chain  # noqa: F401  (register on import)
+    from .kinds import kinds
+
+    kinds()  # each built-in kind registers its forms on import
+
+
+def source_hashes() -> dict[str, str]:
+    """Every registered form's source hash, by name (names are unique across kinds)."""
+    _load_builtins()
+    return {name: f.source_hash for forms in _REGISTRY.values() for name, f in forms.items()}
 
 
 def get_form(kind: str, name: str) -> Form:

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from convrewrite import crossover, profile
-from convrewrite.forms.channel_mix import ORIGINAL
+from convrewrite import profile
+from convrewrite.kinds.channel_mix import crossover
+from convrewrite.kinds.channel_mix.forms import ORIGINAL
 from convrewrite.table import CostTable
 
 matplotlib = pytest.importorskip("matplotlib")  # the [plot] extra; the dev extra installs it

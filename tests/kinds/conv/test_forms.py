@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from convrewrite.forms import forms_for
-from convrewrite.spec import ConvSpec
+from convrewrite.kinds.conv import ConvSpec
 
 
 def reference(x, w, b, spec):
