@@ -18,7 +18,8 @@ from .forms import get_form
 from .options import Options
 from .report import Report, SiteReport
 from .rewrite import emit, verify
-from .rules import Site, rules
+from .rules import rules
+from .site import Site
 from .table import CostTable, load_table, user_table_path
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from .forms import Form
-from .rules import Site
+from .site import Site
 
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 

@@ -25,8 +25,8 @@ from ..forms.conv import ORIGINAL
 from ..hooks import has_hooks
 from ..lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
 from ..measure import time_callables, time_once
-from . import Site
-from .pointwise_conv import FLOAT_DTYPES
+from ..site import Site
+from ._fx import FLOAT_DTYPES
 
 PATTERN, UNLIFTED = "conv loop", "untraced code"
 RETIME_BELOW = 0.2  # seconds: code faster than this on its (cold) first call is timed properly

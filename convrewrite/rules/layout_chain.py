@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from ..capture import info
 from ..forms.layout_chain import ORIGINAL
 from ..hooks import has_hooks
+from ..site import Site
 from ..spec import ChainSpec
-from . import Site
-from .pointwise_conv import FLOAT_DTYPES, FUNCTIONS, conv_call_args, runs_own_forward
+from ._fx import CONV_FUNCTIONS, FLOAT_DTYPES, conv_call_args, runs_own_forward
 
 PATTERN = "layout chain"
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
@@ -123,7 +123,7 @@ def _op(gm, node: fx.Node, y: fx.Node, channels: int, channels_last: bool):
         return _linear_call(node, y, channels)
     if node.target is F.layer_norm and channels_last:
         return _layer_norm_call(node, y, channels)
-    if node.target in FUNCTIONS and not channels_last:
+    if node.target in CONV_FUNCTIONS and not channels_last:
         return _conv_call(node, y, channels)
     if node.target in _ARITH and len(node.args) == 2 and not node.kwargs:
         return _arith(node, y, channels, channels_last, len(info(y).shape))
