@@ -19,9 +19,9 @@ from convrewrite.table import CostTable, fingerprint
 
 from . import loops
 from .helpers import assert_same_outputs_and_grads
-from .rules.test_conv_loop import loop_specs
+from .rules.conv_loop.test_find import loop_specs
+from .rules.conv_loop.test_regions import Residual
 from .rules.test_layout_chain import ConvFFN, ConvNeXtBlock, Seed000
-from .test_regions import Residual
 
 
 @pytest.fixture(autouse=True)

@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .forms.conv import conv_direct
-from .spec import ConvSpec
+from ...forms.conv import conv_direct
+from ...spec import ConvSpec
 
 KEEP = 16  # input sizes up to this run as they are
 MAX_OPERANDS = 4  # tensors code may read to be analysed: data, weight, bias and one more
