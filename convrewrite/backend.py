@@ -30,7 +30,7 @@ import torch.nn as nn
 from .capture import META, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
 from .options import Options
-from .passes import rewrite
+from .pipeline import rewrite
 from .rules.conv_loop import PATTERN as LOOP
 from .rules.pointwise_conv import PATTERN as POINTWISE
 

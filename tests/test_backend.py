@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from convrewrite.backend import annotate_from_meta, parse_options
 from convrewrite.capture import annotate, capture
+from convrewrite.emit import site_calls
 from convrewrite.forms import forms_for
-from convrewrite.rewrite import site_calls
 from convrewrite.rules import find_sites
 from convrewrite.table import CostTable, fingerprint
 

@@ -14,10 +14,10 @@ import os
 import torch.fx as fx
 
 from .decide import AS_WRITTEN, NONE, against_source, choose
+from .emit import emit, verify
 from .forms import get_form
 from .options import Options
 from .report import Report, SiteReport
-from .rewrite import emit, verify
 from .rules import rules
 from .site import Site
 from .table import CostTable, load_table, user_table_path
