@@ -48,7 +48,8 @@ def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Re
                 continue
             if site.spec.device == "meta":  # no data: nothing can be timed or verified
                 rows.append(SiteReport(site.path, site.pattern, site.spec.describe(), site.original, site.original,
-                                       None, None, NONE, "meta tensors: nothing to time or verify"))
+                                       None, None, NONE, "meta tensors: nothing to time or verify",
+                                       kind=site.spec.kind))
                 continue
             # a lifted loop becomes one conv op, which inductor runs as an extern kernel: its
             # forms are timed eagerly, as the code they replace was
@@ -86,4 +87,4 @@ def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, r
             replaced[site.node] = emit(gm, site, form, name)
     return SiteReport(site.path, site.pattern, site.spec.describe(), choice.original, chosen,
                       choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key(),
-                      dict(choice.times))
+                      dict(choice.times), site.spec.kind)
