@@ -68,8 +68,8 @@ def as_module(gm: fx.GraphModule, region: Region) -> tuple[fx.GraphModule, tuple
 def path(region: Region) -> str:
     """Where the region is, for reports: its output's module path (as dynamo or fx names it)
     and node name."""
-    stack = list(region.output.meta.get("nn_module_stack", {}).values())
-    module = re.sub(r"^L\['\w+'\]\.?", "", stack[-1][0]) if stack else ""  # dynamo's name for the root
+    scopes = [path for path, _ in region.output.meta.get("nn_module_stack", {}).values()]
+    module = re.sub(r"^L\['\w+'\]\.?", "", scopes[-1]) if scopes else ""  # dynamo's name for the root
     return f"{module}:{region.output.name}" if module else region.output.name
 
 
