@@ -1,12 +1,14 @@
 """Rule: modules whose code computes a convolution (Python loops, unfold + multiply + sum,
-unfold + matmul, ...) as sites lifted to one conv op by :mod:`.lift`.
+unfold + matmul, ...) as sites lifted to one conv op. The package holds the rule's machinery:
+:mod:`.lift` derives the convolution and proves it equal, :mod:`.regions` finds unrolled code.
 
 Such code rarely traces (``range(x.shape[1])`` stops ``symbolic_trace``), so candidates are
 the modules ``capture`` left opaque, the root included; this rule asks capture to keep whole
-the modules that call ``unfold`` too (``UNFOLDS``). Each is analysed as a function of its
-tensor inputs, parameters and buffers at the input signature's sizes. Left as written, with
-the reason in the report: modules with hooks, non-float or more than ``MAX_OPERANDS`` tensors,
-arguments that are neither tensors nor fixed, and code that is not shown to be a convolution.
+the modules that call ``unfold`` too (``UNFOLDS``; the root only if it reads few enough
+tensors to be one convolution). Each is analysed as a function of its tensor inputs,
+parameters and buffers at the input signature's sizes. Left as written, with the reason in
+the report: modules with hooks, non-float or more than ``MAX_OPERANDS`` tensors, arguments
+that are neither tensors nor fixed, and code that is not shown to be a convolution.
 
 Code that did trace, unrolled (dynamo unrolls every loop), is found as :mod:`.regions` of
 the graph and analysed at its fixed sizes; a region that is not a convolution is not a site.
