@@ -41,11 +41,11 @@ from tabulate import tabulate
 
 import convrewrite
 from convrewrite.forms import forms_for
-from convrewrite.kinds.channel_mix.forms import ORIGINAL
-from convrewrite.measure import form_call, time_callables, time_forms
-from convrewrite.kinds.channel_mix.grid import random_spec
-from convrewrite.spec import CHANNELS_LAST, STRIDED
 from convrewrite.kinds.channel_mix import ChannelMixSpec
+from convrewrite.kinds.channel_mix.forms import ORIGINAL
+from convrewrite.kinds.channel_mix.grid import random_spec
+from convrewrite.measure import form_call, time_callables, time_forms
+from convrewrite.spec import CHANNELS_LAST, STRIDED
 from convrewrite.table import CostTable, fingerprint, user_table_path
 
 HERE = Path(__file__).parent

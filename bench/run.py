@@ -35,15 +35,14 @@ import torch.nn as nn
 from tabulate import tabulate
 
 import convrewrite
-from convrewrite.kinds.channel_mix import crossover
 from convrewrite.decide import choose
 from convrewrite.forms import forms_for, registered_names
+from convrewrite.kinds.channel_mix import ChannelMixSpec, crossover
 from convrewrite.kinds.channel_mix.forms import ORIGINAL
+from convrewrite.kinds.channel_mix.grid import random_spec
 from convrewrite.measure import time_callables, time_forms
 from convrewrite.options import Options
-from convrewrite.kinds.channel_mix.grid import random_spec
 from convrewrite.profile import MODES, build
-from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.table import CostTable, fingerprint, load_table
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -10,7 +10,17 @@ from .report import Report
 
 
 def optimize(model: nn.Module, example_inputs=None, **options) -> ConvRewriteModule:
-    """Return ``model`` with every pointwise conv run in its fastest equal form on this device.
+    """Return ``model`` running each of its rewritable sites in the fastest equal form on this
+    device: pointwise convs (``Conv*d(kernel_size=1)``, ``F.conv*``, ``Linear`` between
+    transposes), channel-wise chains between a permute and its inverse, and convolutions
+    written as code (loops over taps or pixels, unfold + multiply + sum). A form replaces the
+    original only where verified equal and measurably faster, and the whole rewritten graph
+    only where it beats the model's own forward; otherwise the original runs.
+
+    The model is captured with ``torch.fx``; where fx cannot trace it or bind the call
+    (``**kwargs`` forwards as in transformers, data-dependent Python, untraceable children
+    holding convs or linears), with dynamo, as ``torch.compile`` would. Outputs keep their
+    types (ModelOutput, dataclasses, namedtuples, dicts).
 
     Without ``example_inputs`` the model specialises on its first call, for that call's input
     signature (shapes, dtypes, devices, layouts, grad mode), and again whenever a new signature

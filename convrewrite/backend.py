@@ -29,10 +29,10 @@ import torch.nn as nn
 
 from .capture import META, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
+from .kinds.channel_mix import ChannelMixSpec
+from .kinds.conv import ConvSpec
 from .options import Options
-from .passes import rewrite
-from .rules.conv_loop import PATTERN as LOOP
-from .rules.pointwise_conv import PATTERN as POINTWISE
+from .pipeline import rewrite
 
 log = logging.getLogger(__name__)
 INNER = ("inductor", "eager")
@@ -130,8 +130,9 @@ class FastestCompiled:
 
 
 def _lifted_ops(original: fx.GraphModule, rewritten: fx.GraphModule, report) -> int:
-    """How many ops fewer the rewritten graph has for its lifted loops (0 if none was lifted)."""
-    if not any(s.pattern == LOOP for s in report.rewritten):
+    """How many ops fewer the rewritten graph has for its lifted loops (0 if none was lifted:
+    a lifted loop is a site that computes a :class:`ConvSpec`)."""
+    if not any(s.kind == ConvSpec.kind for s in report.rewritten):
         return 0
     return len(original.graph.nodes) - len(rewritten.graph.nodes)
 
@@ -139,11 +140,12 @@ def _lifted_ops(original: fx.GraphModule, rewritten: fx.GraphModule, report) -> 
 def _variants(original: fx.GraphModule | None, rewritten: fx.GraphModule, report, inner) -> dict:
     """The graphs to compile, name -> (graph, inductor config patches): the rewritten graph,
     and unless ``original`` is None that graph too, and for inductor once more with 1x1 convs
-    lowered to matmuls where there are pointwise convs (often, not always, faster)."""
+    lowered to matmuls where there are pointwise convs (sites that compute a
+    :class:`ChannelMixSpec`; often, not always, faster)."""
     if original is None:
         return {REWRITTEN: (rewritten, {})}
     variants = {ORIGINAL: (original, {})}
-    if inner == "inductor" and any(s.pattern == POINTWISE for s in report):
+    if inner == "inductor" and any(s.kind == ChannelMixSpec.kind for s in report):
         variants[f"{ORIGINAL}-1x1mm"] = (_graph_copy(original), CONV_1X1_AS_MM)
     if report.rewritten:
         variants[REWRITTEN] = (rewritten, {})

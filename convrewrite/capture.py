@@ -1,7 +1,8 @@
 """Capture a module as an fx graph and annotate every tensor node with what it held on real inputs.
 
 ``symbolic_trace`` gives the graph. A submodule whose own Python cannot be traced (a loop over
-``range(x.shape[1])``, say) or that calls ``unfold`` becomes an opaque leaf, a ``call_module``
+``range(x.shape[1])``, say) or that a rule asked to see whole (:func:`register_opaque`: the
+conv-loop rule asks for modules that call ``unfold``) becomes an opaque leaf, a ``call_module``
 node marked ``OPAQUE``, and the rest is traced around it; if the root itself is such code, the
 graph is one opaque call of it. :func:`annotate` runs the graph once through an fx Interpreter (as ``ShapeProp`` does)
 and stores a :class:`TensorInfo` in ``node.meta["convrewrite"]``, including the device and
@@ -15,16 +16,17 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib
 import inspect
 import math
 import operator
 import time
+from typing import Callable
 
 import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .lift import MAX_OPERANDS
 from .spec import layout_of
 
 META = "convrewrite"
@@ -32,12 +34,40 @@ OPAQUE = "convrewrite_opaque"  # node.meta key: why this module's forward was no
 SECONDS = "convrewrite_seconds"  # node.meta key: how long an opaque call took when annotated
 SIZE = "convrewrite_size"  # node.meta key: the size (int or torch.Size) a size computation gave
 ROOT = "convrewrite_root"  # the target of the one call in the graph of an untraceable root
-UNFOLDS = "calls unfold: analysed as one call"
 SITE_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)  # the layers the rules rewrite
 
 
 class CaptureError(RuntimeError):
     """The module could not be captured as an fx graph."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepOpaque:
+    """A rule's request to see some modules' code whole, as one opaque call: each module whose
+    own code runs a node that ``runs(gm, node)`` holds for, and the root only where
+    ``root(module)`` holds too. ``why`` is the note the call carries (``node.meta[OPAQUE]``)."""
+
+    runs: Callable[[fx.GraphModule, fx.Node], bool]
+    root: Callable[[torch.nn.Module], bool]
+    why: str
+
+
+_KEEP_OPAQUE: dict[str, KeepOpaque] = {}  # why -> request, in registration order
+
+
+def register_opaque(runs: Callable[[fx.GraphModule, fx.Node], bool], why: str, *,
+                    root: Callable[[torch.nn.Module], bool] = lambda module: True) -> None:
+    """Keep opaque every module whose own code runs a node ``runs`` holds for (see
+    :class:`KeepOpaque`). Rules register theirs when imported; registering ``why`` again
+    replaces the earlier request."""
+    _KEEP_OPAQUE[why] = KeepOpaque(runs, root, why)
+
+
+def _kept_opaque() -> tuple[KeepOpaque, ...]:
+    """The registered requests. The rules make theirs on import, so they are imported here:
+    a capture keeps opaque what the rules will look for, whoever captures."""
+    importlib.import_module(".rules", __package__)
+    return tuple(_KEEP_OPAQUE.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +134,11 @@ def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.Gr
             opaque[tracer.failed_in] = why
             continue
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
-        owners = _unfold_owners(gm) - set(opaque)
-        if "" in owners and _reads_few_tensors(module):
-            return _opaque_root(module, UNFOLDS)
-        if owners - {""}:
-            opaque.update(dict.fromkeys(owners - {""}, UNFOLDS))
+        wanted = _wanted_opaque(gm, module, set(opaque))
+        if "" in wanted:
+            return _opaque_root(module, wanted[""])
+        if wanted:
+            opaque.update(wanted)
             continue
         for node in gm.graph.nodes:
             if node.op == "call_module" and node.target in opaque:
@@ -116,23 +146,27 @@ def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.Gr
         return gm
 
 
-def _unfold_owners(gm: fx.GraphModule) -> set[str]:
-    """Paths of the modules whose own code calls ``unfold`` (a sliding window: usually a
-    convolution spelled out, lifted whole when kept opaque); "" is the root."""
+def _wanted_opaque(gm: fx.GraphModule, module: torch.nn.Module, already: set[str]) -> dict[str, str]:
+    """The modules of traced ``gm`` that a registered request wants kept whole and are not
+    yet, path -> why; just {"": why} where that is the root ``module``."""
+    wanted = {}
+    for request in _kept_opaque():
+        owners = _owners(gm, request.runs) - already - set(wanted)
+        if "" in owners and request.root(module):
+            return {"": request.why}
+        wanted.update(dict.fromkeys(owners - {""}, request.why))
+    return wanted
+
+
+def _owners(gm: fx.GraphModule, runs: Callable[[fx.GraphModule, fx.Node], bool]) -> set[str]:
+    """Paths of the modules whose own code runs a node ``runs`` holds for; "" is the root. The
+    module stack of a ``call_module`` node ends in the module it calls: its owner is the one before."""
     owners = set()
     for node in gm.graph.nodes:
-        leaf = node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Unfold)
-        if leaf or (node.op == "call_method" and node.target == "unfold") or \
-                (node.op == "call_function" and node.target is torch.nn.functional.unfold):
-            stack = list(node.meta.get("nn_module_stack", {}))[:-1 if leaf else None]
+        if runs(gm, node):
+            stack = list(node.meta.get("nn_module_stack", {}))[:-1 if node.op == "call_module" else None]
             owners.add(stack[-1] if stack else "")
     return owners
-
-
-def _reads_few_tensors(module: torch.nn.Module) -> bool:
-    """Could ``module`` as a whole be one convolution (data, weight, bias and little more)?"""
-    n_inputs = len(inspect.signature(module.forward).parameters)
-    return n_inputs + len(list(module.parameters())) + len(list(module.buffers())) <= MAX_OPERANDS
 
 
 class _Tracer(fx.Tracer):
@@ -171,7 +205,7 @@ class _Tracer(fx.Tracer):
     def _containers_rebuilt(self, value):
         if isinstance(value, dict):
             items = {k: self._containers_rebuilt(v) for k, v in value.items()}
-            kind = self.dict_types.get(id(value), (dict,))[0]
+            kind, _ = self.dict_types.get(id(value), (dict, None))
             return super().create_node("call_function", rebuilder(kind), (items,), {})
         if isinstance(value, list):
             items = [self._containers_rebuilt(v) for v in value]
@@ -221,9 +255,10 @@ def _opaque_root(module: torch.nn.Module, why: str) -> fx.GraphModule:
 def hidden_sites(gm: fx.GraphModule) -> list[str]:
     """Paths of the modules fx could not trace through that hold a conv or linear layer:
     sites only a capture that sees into Python (dynamo) can find. Modules kept opaque on
-    purpose (a sliding window, lifted whole) are not counted."""
+    purpose (:func:`register_opaque`) are not counted."""
+    not_hidden = (None, *(request.why for request in _kept_opaque()))
     return [n.target for n in gm.graph.nodes
-            if n.op == "call_module" and n.meta.get(OPAQUE) not in (None, UNFOLDS)
+            if n.op == "call_module" and n.meta.get(OPAQUE) not in not_hidden
             and any(isinstance(m, SITE_LAYERS) for m in gm.get_submodule(n.target).modules())]
 
 

@@ -29,7 +29,7 @@ from .check import ORIGINAL, REWRITTEN, rewrite_wins, whole_graph_times
 from .dynamo_route import DynamoRoute
 from .hooks import global_hooks, has_hooks, own_hooks
 from .options import Options
-from .passes import rewrite
+from .pipeline import rewrite
 from .report import Report
 
 MAX_SPECIALIZATIONS = 64  # input signatures kept per module; the oldest is dropped beyond that

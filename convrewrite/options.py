@@ -8,7 +8,10 @@ import os
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What the pass may do.
+    """What the pass may do, for ``optimize()``, ``explain()`` and the dynamo backend
+    (``torch.compile(model, backend="convrewrite", options={...})``). The pass rewrites three
+    patterns: pointwise convs, layout chains between a permute and its inverse, and
+    convolutions written as code (loops, unfold + multiply + sum).
 
     margin: keep the original unless a form is predicted at least this many times faster.
     measure: True times the exact shapes met at specialisation that the table lacks, and adds
@@ -23,6 +26,11 @@ class Options:
         inductor, that with ``conv_1x1_as_mm`` (compile time grows accordingly).
     table: path of a cost-table file to use before this machine's own and the shipped one.
     forms: if given, only these form names may be chosen (the original is always allowed).
+    progress: show a progress bar on stderr when choosing forms takes more than 2 s (a
+        first call that measures); never where stderr is not a terminal, or with
+        ``CONVREWRITE_PROGRESS=0``.
+    inner (backend only, not a field): the compiler the rewritten graphs go to,
+        ``"inductor"`` (default) or ``"eager"``.
     """
 
     margin: float = 1.1
@@ -31,13 +39,14 @@ class Options:
     check: bool = True
     table: str | os.PathLike | None = None
     forms: tuple[str, ...] | None = None
+    progress: bool = True
 
     def __post_init__(self):
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not self.margin >= 1.0:
             raise ValueError(f"margin must be a number >= 1.0, got {self.margin!r}")
         if not (isinstance(self.measure, bool) or self.measure == "auto"):
             raise TypeError(f"measure must be True, False or 'auto', got {self.measure!r}")
-        for name in ("verify", "check"):
+        for name in ("verify", "check", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.table is not None and not os.path.isfile(self.table):
@@ -47,12 +56,14 @@ class Options:
 
     def _check_forms(self) -> None:
         from .forms import registered_names
+        from .kinds import kinds
         if isinstance(self.forms, str) or not all(isinstance(f, str) for f in self.forms):
             raise TypeError(f"forms must be a sequence of form names, e.g. ('matmul',), got {self.forms!r}")
         object.__setattr__(self, "forms", tuple(self.forms))
         unknown = sorted(set(self.forms) - set(registered_names()))
         if unknown:
-            raise ValueError(f"unknown form name(s) {unknown}; registered forms: {sorted(registered_names())}")
+            by_kind = "; ".join(f"{k.name}: {', '.join(sorted(registered_names(k.name)))}" for k in kinds())
+            raise ValueError(f"unknown form name(s) {unknown}; registered forms by kind: {by_kind}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "Options":

@@ -25,6 +25,7 @@ from .forms import forms_for
 from .kinds import get_kind, kinds, parse_key
 from .kinds.channel_mix import crossover
 from .measure import Timings, time_forms
+from .progress import bar
 from .table import CostTable, fingerprint, user_table_path
 
 MODES = ("infer", "train", "train-w")
@@ -38,10 +39,8 @@ def build(specs: list, table: CostTable, rounds: int, block_s: float, progress=T
     ``checkpoint(table)`` is called every ``every`` specs, so an interrupted run keeps its work.
     A spec whose figures stay contended after ``RETRIES`` more tries is left out (figures
     taken under load are never stored); those specs are returned."""
-    from torch.hub import tqdm  # tqdm if installed, else torch's own minimal bar
-
     contended = []
-    with tqdm(total=len(specs), disable=not progress, unit="spec", file=sys.stderr) as bar:
+    with bar(total=len(specs), desc="timing forms", unit="spec", enabled=progress) as bar_:
         for i, spec in enumerate(specs, 1):
             forms = forms_for(spec)
             times = _clean_times(spec, forms, rounds, block_s)
@@ -50,7 +49,7 @@ def build(specs: list, table: CostTable, rounds: int, block_s: float, progress=T
             else:
                 table.add(spec.key(), dict(times), {f.name: f.source_hash for f in forms if f.name in times},
                           times.record())
-            bar.update(1)
+            bar_.update(1)
             if checkpoint is not None and i % every == 0 and i < len(specs):
                 checkpoint(table)
     return contended

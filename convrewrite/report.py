@@ -22,6 +22,7 @@ class SiteReport:
     note: str = ""
     key: str = ""
     times: dict[str, float] = dataclasses.field(default_factory=dict)  # every candidate's seconds per call
+    kind: str = ""  # the spec's kind, what the site computes ("" where it has no spec)
 
     @property
     def predicted_speedup(self) -> float | None:

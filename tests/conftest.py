@@ -4,7 +4,6 @@ depends on timing."""
 from __future__ import annotations
 
 import pytest
-
 import torch
 
 from convrewrite import check, decide, profile, tablecmd

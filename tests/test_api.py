@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
 import convrewrite
+from convrewrite.emit import site_calls
 from convrewrite.forms import unregister_form
 from convrewrite.kinds.channel_mix.forms import conv
 from convrewrite.module import ConvRewriteModule
-from convrewrite.rewrite import site_calls
 
 from .helpers import assert_same_outputs_and_grads
 

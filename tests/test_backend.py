@@ -12,16 +12,16 @@ import torch.nn as nn
 
 from convrewrite.backend import annotate_from_meta, parse_options
 from convrewrite.capture import annotate, capture
+from convrewrite.emit import site_calls
 from convrewrite.forms import forms_for
-from convrewrite.rewrite import site_calls
 from convrewrite.rules import find_sites
 from convrewrite.table import CostTable, fingerprint
 
 from . import loops
 from .helpers import assert_same_outputs_and_grads
-from .rules.test_conv_loop import loop_specs
+from .rules.conv_loop.test_find import loop_specs
+from .rules.conv_loop.test_regions import Residual
 from .rules.test_layout_chain import ConvFFN, ConvNeXtBlock, Seed000
-from .test_regions import Residual
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,8 @@
 import pytest
 
 from convrewrite.decide import CONTENDED, MEASURED, NONE, PREDICTED, TABLE, beats, choose
-from convrewrite.options import Options
 from convrewrite.kinds.channel_mix import ChannelMixSpec
+from convrewrite.options import Options
 from convrewrite.table import CostTable, fingerprint, user_table_path
 
 SPEC = ChannelMixSpec(4, 8, 16, (32,))

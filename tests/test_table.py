@@ -9,8 +9,7 @@ import pytest
 from convrewrite import table as table_module
 from convrewrite.forms import forms_for
 from convrewrite.kinds.channel_mix import ChannelMixSpec
-from convrewrite.table import (CostTable, TableError, fingerprint, load_table, shipped_table_path,
-                               user_table_path)
+from convrewrite.table import CostTable, TableError, fingerprint, load_table, shipped_table_path, user_table_path
 
 SPEC = ChannelMixSpec(8, 16, 32, (64,))
 OTHER = ChannelMixSpec(8, 16, 32, (128,))

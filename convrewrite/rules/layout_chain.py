@@ -23,11 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture import info
-from ..kinds.layout_chain.forms import ORIGINAL
 from ..hooks import has_hooks
 from ..kinds.layout_chain import ChainSpec
-from . import Site
-from .pointwise_conv import FLOAT_DTYPES, FUNCTIONS, conv_call_args, runs_own_forward
+from ..kinds.layout_chain.forms import ORIGINAL
+from ..kinds.layout_chain.spec import Activation, Copy, Gelu, LayerNorm, Mix, PerChannel, Scalar
+from ..site import Site
+from ._fx import CONV_FUNCTIONS, FLOAT_DTYPES, conv_call_args, runs_own_forward
 
 PATTERN = "layout chain"
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
@@ -88,7 +89,7 @@ def _walk(gm, entry: fx.Node, axis: str, x) -> Site | None:
         params.extend(op_params)
         nodes.append(user)
         y = user
-    if not any(op[0] != "contiguous" for op in ops):
+    if not any(op.op != "contiguous" for op in ops):
         return None
     out, inside = info(user), info(entry).shape
     expected = (*inside[:-1], channels) if channels_last_inside else (inside[0], channels, *inside[2:])
@@ -96,7 +97,7 @@ def _walk(gm, entry: fx.Node, axis: str, x) -> Site | None:
         return None
     spec = ChainSpec(tuple(x.shape), axis, tuple(ops), str(x.dtype).removeprefix("torch."), x.device.type,
                      x.layout, out.requires_grad, x.requires_grad)
-    removed = sum(op[0] == "contiguous" for op in ops)
+    removed = sum(op.op == "contiguous" for op in ops)
     note = f"removes 2 permutes{f' and {removed} copies' if removed else ''}"
     return Site(user, entry.args[0], tuple(params), spec, ORIGINAL, PATTERN, _path(nodes), tuple(nodes), note)
 
@@ -109,21 +110,21 @@ def _op(gm, node: fx.Node, y: fx.Node, channels: int, channels_last: bool):
         return None, (), channels
     if node.op == "call_method" and node.args[0] is y:
         if node.target == "contiguous" and len(node.args) == 1 and not node.kwargs:
-            return ("contiguous",), (), channels
+            return Copy("contiguous"), (), channels
         if node.target in _ACT_METHODS and len(node.args) == 1 and not node.kwargs:
-            return ("act", _ACT_METHODS[node.target]), (), channels
+            return Activation("act", _ACT_METHODS[node.target]), (), channels
         return None
     if node.op != "call_function":
         return None
     if node.target in _ACT_FUNCTIONS and node.args == (y,) and not node.kwargs:
-        return ("act", _ACT_FUNCTIONS[node.target]), (), channels
+        return Activation("act", _ACT_FUNCTIONS[node.target]), (), channels
     if node.target is F.gelu and node.args == (y,) and set(node.kwargs) <= {"approximate"}:
-        return ("act", "gelu", node.kwargs.get("approximate", "none")), (), channels
+        return Gelu("act", "gelu", node.kwargs.get("approximate", "none")), (), channels
     if node.target is F.linear and channels_last:
         return _linear_call(node, y, channels)
     if node.target is F.layer_norm and channels_last:
         return _layer_norm_call(node, y, channels)
-    if node.target in FUNCTIONS and not channels_last:
+    if node.target in CONV_FUNCTIONS and not channels_last:
         return _conv_call(node, y, channels)
     if node.target in _ARITH and len(node.args) == 2 and not node.kwargs:
         return _arith(node, y, channels, channels_last, len(info(y).shape))
@@ -150,19 +151,19 @@ def _module_op(gm, node, y, channels, channels_last):
     if getattr(mod, "inplace", False):
         return None  # it would write through the permuted view into the chain's input
     if type(mod) in _ACT_MODULES:
-        return ("act", _ACT_MODULES[type(mod)]), (), channels
+        return Activation("act", _ACT_MODULES[type(mod)]), (), channels
     if isinstance(mod, nn.GELU):
-        return ("act", "gelu", mod.approximate), (), channels
+        return Gelu("act", "gelu", mod.approximate), (), channels
     if isinstance(mod, nn.Dropout) and mod.p == 0:
-        return ("act", "identity"), (), channels
+        return Activation("act", "identity"), (), channels
     bias = f"{path}.bias" if getattr(mod, "bias", None) is not None else None
     if isinstance(mod, nn.Linear) and channels_last and mod.in_features == channels:
-        return ("mix", channels, mod.out_features, bias is not None), (f"{path}.weight", bias), mod.out_features
+        return Mix("mix", channels, mod.out_features, bias is not None), (f"{path}.weight", bias), mod.out_features
     if isinstance(mod, _CONVS) and not channels_last and _plain_pointwise(mod) and mod.in_channels == channels:
-        return ("mix", channels, mod.out_channels, bias is not None), (f"{path}.weight", bias), mod.out_channels
+        return Mix("mix", channels, mod.out_channels, bias is not None), (f"{path}.weight", bias), mod.out_channels
     if isinstance(mod, nn.LayerNorm) and channels_last and tuple(mod.normalized_shape) == (channels,):
         weight = f"{path}.weight" if mod.weight is not None else None
-        return ("ln", channels, mod.eps, weight is not None, bias is not None), (weight, bias), channels
+        return LayerNorm("ln", channels, mod.eps, weight is not None, bias is not None), (weight, bias), channels
     return None
 
 
@@ -178,7 +179,7 @@ def _linear_call(node, y, channels):
         return None
     if len(info(w).shape) != 2 or info(w).shape[1] != channels or (b is not None and info(b) is None):
         return None
-    return ("mix", channels, info(w).shape[0], b is not None), (w, b), info(w).shape[0]
+    return Mix("mix", channels, info(w).shape[0], b is not None), (w, b), info(w).shape[0]
 
 
 def _conv_call(node, y, channels):
@@ -188,7 +189,7 @@ def _conv_call(node, y, channels):
     w = info(a["weight"]).shape
     if w[1] != channels or any(k != 1 for k in w[2:]) or len(w) != len(info(y).shape):
         return None
-    return ("mix", channels, w[0], a["bias"] is not None), (a["weight"], a["bias"]), w[0]
+    return Mix("mix", channels, w[0], a["bias"] is not None), (a["weight"], a["bias"]), w[0]
 
 
 def _layer_norm_call(node, y, channels):
@@ -198,7 +199,7 @@ def _layer_norm_call(node, y, channels):
         return None
     if any(p is not None and info(p) is None for p in (w, b)):
         return None
-    return ("ln", channels, float(args.get("eps", 1e-5)), w is not None, b is not None), (w, b), channels
+    return LayerNorm("ln", channels, float(args.get("eps", 1e-5)), w is not None, b is not None), (w, b), channels
 
 
 def _arith(node, y, channels, channels_last, ndim):
@@ -208,10 +209,10 @@ def _arith(node, y, channels, channels_last, ndim):
     if other is None:
         return None
     if isinstance(other, (int, float)) and not isinstance(other, bool):
-        return (name, other), (), channels
+        return Scalar(name, other), (), channels
     p = info(other)
     if name in ("mul", "add") and p is not None and _per_channel(p.shape, channels, channels_last, ndim):
-        return ("scale" if name == "mul" else "shift", channels), (other,), channels
+        return PerChannel("scale" if name == "mul" else "shift", channels), (other,), channels
     return None
 
 

@@ -12,22 +12,18 @@ from __future__ import annotations
 import math
 import re
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ..capture import info
-from ..kinds.channel_mix.forms import ORIGINAL
 from ..hooks import has_hooks
 from ..kinds.channel_mix import ChannelMixSpec
-from . import Site
+from ..kinds.channel_mix.forms import ORIGINAL
+from ..site import Site
+from ._fx import CONV_FUNCTIONS, FLOAT_DTYPES, conv_call_args, runs_own_forward
 
 PATTERN = "pointwise conv"
 _MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-FUNCTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
-_FUNCTION_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_FUNCTION_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def find(gm: fx.GraphModule):
@@ -35,7 +31,7 @@ def find(gm: fx.GraphModule):
     for node in gm.graph.nodes:
         if node.op == "call_module":
             site = _module_site(gm, node)
-        elif node.op == "call_function" and node.target in FUNCTIONS:
+        elif node.op == "call_function" and node.target in CONV_FUNCTIONS:
             site = _function_site(node)
         else:
             continue
@@ -54,22 +50,6 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         return None
     bias = f"{node.target}.bias" if mod.bias is not None else None
     return Site(node, node.args[0], (f"{node.target}.weight", bias), spec, ORIGINAL, PATTERN, node.target)
-
-
-def conv_call_args(node: fx.Node) -> dict | None:
-    """The arguments of an annotated ``torch.convNd`` call by name, stride and padding as
-    tuples (string padding: zero, as it is for a 1x1 kernel), or None if they are not constants."""
-    if len(node.args) > len(_FUNCTION_ARGS) or set(node.kwargs) - set(_FUNCTION_ARGS):
-        return None
-    a = {**_FUNCTION_DEFAULTS, **dict(zip(_FUNCTION_ARGS, node.args)), **node.kwargs}
-    if info(a["weight"]) is None or any(isinstance(a[k], fx.Node) for k in ("stride", "padding", "dilation", "groups")):
-        return None
-    if a["bias"] is not None and info(a["bias"]) is None:
-        return None
-    ndim = FUNCTIONS[node.target]
-    a["padding"] = (0,) * ndim if isinstance(a["padding"], str) else _ntuple(a["padding"], ndim)
-    a["stride"] = _ntuple(a["stride"], ndim)
-    return a
 
 
 def _function_site(node: fx.Node) -> Site | None:
@@ -104,16 +84,6 @@ def _conv_base(mod: nn.Module):
         if isinstance(mod, base) and runs_own_forward(mod) and type(mod)._conv_forward is base._conv_forward:
             return base
     return None
-
-
-def runs_own_forward(mod: nn.Module) -> bool:
-    """Does ``mod`` run the forward of the torch.nn class it derives from (no override)?"""
-    base = next((c for c in type(mod).__mro__ if c.__module__.startswith("torch.nn.modules")), None)
-    return base is not None and type(mod).forward is base.forward
-
-
-def _ntuple(v, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
 def _path_of(node: fx.Node) -> str:

@@ -7,9 +7,9 @@ import torch
 
 import convrewrite
 from convrewrite.forms import Form, forms_for, get_form, unregister_form
+from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.kinds.channel_mix.forms import ORIGINAL, conv
 from convrewrite.spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, layout_of
-from convrewrite.kinds.channel_mix import ChannelMixSpec
 
 GRID = [
     dict(spatial=sp, groups=g, stride=(st,) * len(sp), padding=(p,) * len(sp), bias=bias, in_layout=layout)

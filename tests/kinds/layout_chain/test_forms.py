@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from convrewrite.forms import forms_for
+from convrewrite.kinds.layout_chain import ChainSpec
 from convrewrite.kinds.layout_chain.forms import as_written
 from convrewrite.spec import CHANNELS_FIRST, CHANNELS_LAST
-from convrewrite.kinds.layout_chain import ChainSpec
 
 CONVNEXT = (("ln", 8, 1e-6, True, True), ("mix", 8, 32, True), ("act", "gelu", "none"), ("mix", 32, 8, True),
             ("scale", 8))

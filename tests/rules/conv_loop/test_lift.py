@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from convrewrite.kinds.conv.forms import conv_direct
-from convrewrite.lift import NotLiftable, Operand, lift
+from convrewrite.rules.conv_loop.lift import NotLiftable, Operand, lift
 from tests import loops
 
 

@@ -14,14 +14,17 @@ import os
 import torch.fx as fx
 
 from .decide import AS_WRITTEN, NONE, against_source, choose
+from .emit import emit, verify
 from .forms import get_form
+from . import progress
 from .options import Options
 from .report import Report, SiteReport
-from .rewrite import emit, verify
-from .rules import Site, rules
+from .rules import rules
+from .site import Site
 from .table import CostTable, load_table, user_table_path
 
 log = logging.getLogger(__name__)
+PROGRESS_AFTER_S = 2.0  # a first call that decides for longer than this shows a bar
 
 
 def table_for(device: str, options: Options) -> CostTable:
@@ -39,25 +42,34 @@ def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Re
     """Rewrite every site of ``gm`` whose best form beats its original by ``options.margin``
     when the graph is run by ``executor`` ("eager", or "inductor" for the dynamo backend)."""
     rows, replaced, choices = [], {}, {}
-    for rule in rules():
-        for site in list(rule(gm)):  # each rule sees the graph the rules before it left
-            if site.spec is None:
-                rows.append(SiteReport(site.path, site.pattern, "-", AS_WRITTEN, AS_WRITTEN, site.source_seconds,
-                                       None, NONE, site.note))
-                continue
-            if site.spec.device == "meta":  # no data: nothing can be timed or verified
-                rows.append(SiteReport(site.path, site.pattern, site.spec.describe(), site.original, site.original,
-                                       None, None, NONE, "meta tensors: nothing to time or verify"))
-                continue
-            # a lifted loop becomes one conv op, which inductor runs as an extern kernel: its
-            # forms are timed eagerly, as the code they replace was
-            run_by = "eager" if site.source_seconds is not None else executor
-            site = dataclasses.replace(_follow(site, replaced), spec=dataclasses.replace(site.spec, executor=run_by))
-            rows.append(_rewrite_site(gm, site, f"convrewrite_site{len(rows)}", options, replaced, choices))
+    with progress.bar(desc="convrewrite: choosing forms", unit="site", delay=PROGRESS_AFTER_S,
+                      enabled=options.progress) as bar:
+        for rule in rules():
+            sites = list(rule(gm))  # each rule sees the graph the rules before it left
+            bar.total = (bar.total or 0) + len(sites)
+            for site in sites:
+                rows.append(_decided(gm, site, f"convrewrite_site{len(rows)}", options, executor, replaced, choices))
+                bar.update()
     gm.graph.lint()
     gm.recompile()
     log.info("convrewrite: rewrote %d of %d site(s)", sum(r.chosen != r.original for r in rows), len(rows))
     return Report(tuple(rows))
+
+
+def _decided(gm: fx.GraphModule, site: Site, name: str, options: Options, executor: str, replaced: dict,
+             choices: dict) -> SiteReport:
+    """The report of ``site``, rewritten in ``gm`` if a form wins."""
+    if site.spec is None:
+        return SiteReport(site.path, site.pattern, "-", AS_WRITTEN, AS_WRITTEN, site.source_seconds, None, NONE,
+                          site.note)
+    if site.spec.device == "meta":  # no data: nothing can be timed or verified
+        return SiteReport(site.path, site.pattern, site.spec.describe(), site.original, site.original, None, None,
+                          NONE, "meta tensors: nothing to time or verify", kind=site.spec.kind)
+    # a lifted loop becomes one conv op, which inductor runs as an extern kernel: its
+    # forms are timed eagerly, as the code they replace was
+    run_by = "eager" if site.source_seconds is not None else executor
+    site = dataclasses.replace(_follow(site, replaced), spec=dataclasses.replace(site.spec, executor=run_by))
+    return _rewrite_site(gm, site, name, options, replaced, choices)
 
 
 def _follow(site: Site, replaced: dict) -> Site:
@@ -85,4 +97,4 @@ def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, r
             replaced[site.node] = emit(gm, site, form, name)
     return SiteReport(site.path, site.pattern, site.spec.describe(), choice.original, chosen,
                       choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key(),
-                      dict(choice.times))
+                      dict(choice.times), site.spec.kind)

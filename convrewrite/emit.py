@@ -8,11 +8,14 @@ an ``nn.Module`` call costs microseconds of hook bookkeeping per site and call.
 
 from __future__ import annotations
 
+import collections
+import threading
+
 import torch
 import torch.fx as fx
 
 from .forms import Form
-from .rules import Site
+from .site import Site
 
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -37,16 +40,26 @@ def site_calls(gm: fx.GraphModule) -> list[SiteCall]:
     return [n.target for n in gm.graph.nodes if isinstance(n.target, SiteCall)]
 
 
-_VERIFIED: dict[tuple, str | None] = {}
+VERIFIED_KEPT = 1024  # verdicts remembered, the least recently used dropped first
+_verified: collections.OrderedDict[tuple, str | None] = collections.OrderedDict()
+_verified_lock = threading.Lock()  # specialisations may run in several threads at once
 
 
 def verify(form: Form, original: Form, spec) -> str | None:
     """Run ``form`` and ``original`` on the same random inputs, forward and (if ``spec.grad``)
-    backward; return why they differ, or None. Results are cached per forms' sources and spec."""
+    backward; return why they differ, or None. Results are cached per forms' sources and spec
+    (the last ``VERIFIED_KEPT``)."""
     key = (form.name, form.source_hash, original.source_hash, spec.key())
-    if key not in _VERIFIED:
-        _VERIFIED[key] = _compare(form, original, spec)
-    return _VERIFIED[key]
+    with _verified_lock:
+        if key in _verified:
+            _verified.move_to_end(key)
+            return _verified[key]
+    problem = _compare(form, original, spec)
+    with _verified_lock:
+        _verified[key] = problem
+        if len(_verified) > VERIFIED_KEPT:
+            _verified.popitem(last=False)
+    return problem
 
 
 def _compare(form: Form, original: Form, spec) -> str | None:

@@ -1,36 +1,59 @@
 """Rule: modules whose code computes a convolution (Python loops, unfold + multiply + sum,
-unfold + matmul, ...) as sites lifted to one conv op by :mod:`convrewrite.lift`.
+unfold + matmul, ...) as sites lifted to one conv op. The package holds the rule's machinery:
+:mod:`.lift` derives the convolution and proves it equal, :mod:`.regions` finds unrolled code.
 
 Such code rarely traces (``range(x.shape[1])`` stops ``symbolic_trace``), so candidates are
-the modules ``capture`` left opaque, the root included. Each is analysed as a function of its
-tensor inputs, parameters and buffers at the input signature's sizes. Left as written, with
-the reason in the report: modules with hooks, non-float or more than ``MAX_OPERANDS`` tensors,
-arguments that are neither tensors nor fixed, and code that is not shown to be a convolution.
+the modules ``capture`` left opaque, the root included; this rule asks capture to keep whole
+the modules that call ``unfold`` too (``UNFOLDS``; the root only if it reads few enough
+tensors to be one convolution). Each is analysed as a function of its tensor inputs,
+parameters and buffers at the input signature's sizes. Left as written, with the reason in
+the report: modules with hooks, non-float or more than ``MAX_OPERANDS`` tensors, arguments
+that are neither tensors nor fixed, and code that is not shown to be a convolution.
 
-Code that did trace, unrolled (dynamo unrolls every loop), is found as :mod:`regions` of
+Code that did trace, unrolled (dynamo unrolls every loop), is found as :mod:`.regions` of
 the graph and analysed at its fixed sizes; a region that is not a convolution is not a site.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import weakref
 
 import torch
 import torch.fx as fx
 
-from .. import regions
-from ..capture import OPAQUE, ROOT, SECONDS, info, state_kept
-from ..kinds.conv.forms import ORIGINAL
-from ..hooks import has_hooks
-from ..lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
-from ..measure import time_callables, time_once
-from . import Site
-from .pointwise_conv import FLOAT_DTYPES
+from ...capture import OPAQUE, ROOT, SECONDS, info, register_opaque, state_kept
+from ...hooks import has_hooks
+from ...kinds.conv.forms import ORIGINAL
+from ...measure import time_callables, time_once
+from ...site import Site
+from .._fx import FLOAT_DTYPES
+from . import regions
+from .lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
 
 PATTERN, UNLIFTED = "conv loop", "untraced code"
 RETIME_BELOW = 0.2  # seconds: code faster than this on its (cold) first call is timed properly
 ONE_CALL_ENOUGH = 0.02  # seconds: one warm call of code this slow is figure enough
+UNFOLDS = "calls unfold: analysed as one call"
+
+
+def _calls_unfold(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Does ``node`` take sliding windows (``unfold``, ``nn.Unfold``)? Usually a convolution
+    spelled out, lifted whole when its module is kept opaque."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), torch.nn.Unfold)
+    return (node.op == "call_method" and node.target == "unfold") or \
+        (node.op == "call_function" and node.target is torch.nn.functional.unfold)
+
+
+def _reads_few_tensors(module: torch.nn.Module) -> bool:
+    """Could ``module`` as a whole be one convolution (data, weight, bias and little more)?"""
+    n_inputs = len(inspect.signature(module.forward).parameters)
+    return n_inputs + len(list(module.parameters())) + len(list(module.buffers())) <= MAX_OPERANDS
+
+
+register_opaque(_calls_unfold, UNFOLDS, root=_reads_few_tensors)
 
 
 def find(gm: fx.GraphModule):

@@ -6,7 +6,7 @@ rather than as one module call. ``torch.fx``'s ``CapabilityBasedPartitioner`` gr
 polynomial ops into maximal acyclic partitions; a partition is a candidate when it slices,
 multiplies, reads 2 to ``MAX_OPERANDS`` tensors of concrete size and yields one, and all
 its in-place writes go to tensors it allocated itself. :func:`as_module` gives a candidate
-as a ``GraphModule`` of its inputs, for :mod:`convrewrite.lift` to run.
+as a ``GraphModule`` of its inputs, for :mod:`convrewrite.rules.conv_loop.lift` to run.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import dataclasses
 import math
 import re
 
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import create_op_support
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, validate_partition
 
-from .capture import info
+from ...capture import info
 from .lift import MAX_OPERANDS, POLYNOMIAL_OPS
 
 MAX_ELEMENTS = 2 ** 24  # larger tensors are not probed: lift runs the region in float64 at its real size
@@ -69,8 +68,8 @@ def as_module(gm: fx.GraphModule, region: Region) -> tuple[fx.GraphModule, tuple
 def path(region: Region) -> str:
     """Where the region is, for reports: its output's module path (as dynamo or fx names it)
     and node name."""
-    stack = list(region.output.meta.get("nn_module_stack", {}).values())
-    module = re.sub(r"^L\['\w+'\]\.?", "", stack[-1][0]) if stack else ""  # dynamo's name for the root
+    scopes = [path for path, _ in region.output.meta.get("nn_module_stack", {}).values()]
+    module = re.sub(r"^L\['\w+'\]\.?", "", scopes[-1]) if scopes else ""  # dynamo's name for the root
     return f"{module}:{region.output.name}" if module else region.output.name
 
 

@@ -5,8 +5,8 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
-from convrewrite import regions
 from convrewrite.backend import annotate_from_meta
+from convrewrite.rules.conv_loop import regions
 from tests import loops
 
 

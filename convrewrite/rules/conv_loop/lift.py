@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .kinds.conv.forms import conv_direct
-from .kinds.conv import ConvSpec
+from ...kinds.conv import ConvSpec
+from ...kinds.conv.forms import conv_direct
 
 KEEP = 16  # input sizes up to this run as they are
 MAX_OPERANDS = 4  # tensors code may read to be analysed: data, weight, bias and one more
@@ -217,28 +217,45 @@ def _support(fit: _Fit, tap: tuple) -> torch.Tensor:
 
 
 # -- roles -> spec --------------------------------------------------------------------------
-def _roles(fit: _Fit) -> dict:
-    """Each data dim as (role, ...): ("one",), ("batch", y), ("group", w), ("in", w) or
-    ("spatial", y, w, stride, dilation, flip, offset)."""
+@dataclasses.dataclass(frozen=True)
+class _Role:
+    """How the code reads one data dim: ``kind`` "one" (a dim of size 1), "batch" (as output
+    dim ``y``), "group" or "in" (as weight dim ``w``), or "spatial": output dim ``y`` slides
+    over it and weight dim ``w`` taps it, at data index ``stride * i + dilation * k + offset``
+    for output index ``i`` and tap ``k`` (``-dilation * k`` where ``flip``)."""
+
+    kind: str
+    y: int | None = None
+    w: int | None = None
+    stride: int = 1
+    dilation: int = 1
+    flip: bool = False
+    offset: int = 0
+
+
+def _roles(fit: _Fit) -> dict[int, _Role]:
+    """Each data dim's role."""
     n_free, n_taps = len(fit.free), len(fit.taps)
     roles = {}
     for d in range(len(fit.x_shape)):
         col = fit.coef[:, d].tolist()
-        a = [(fit.free[e], v) for e, v in enumerate(col[:n_free]) if v]
-        b = [(fit.taps[f], v) for f, v in enumerate(col[n_free:n_free + n_taps]) if v]
-        c = col[-1]
-        if fit.x_shape[d] == 1 and not a and not b and c == 0:
-            roles[d] = ("one",)
-        elif len(a) == 1 and a[0][1] == 1 and not b and c == 0:
-            roles[d] = ("batch", a[0][0])
-        elif not a and len(b) == 1 and b[0][1] == 1 and c == 0:
-            roles[d] = ("group" if b[0][0] in fit.ties.values() else "in", b[0][0])
-        elif len(a) == 1 and len(b) == 1 and a[0][1] > 0:
-            roles[d] = ("spatial", a[0][0], b[0][0], a[0][1], abs(b[0][1]), b[0][1] < 0, c)
+        outs = [(fit.free[e], v) for e, v in enumerate(col[:n_free]) if v]  # (output dim, coefficient)
+        taps = [(fit.taps[f], v) for f, v in enumerate(col[n_free:n_free + n_taps]) if v]  # (weight dim, coefficient)
+        offset = col[-1]
+        y, a = outs[0] if len(outs) == 1 else (None, 0)
+        w, b = taps[0] if len(taps) == 1 else (None, 0)
+        if fit.x_shape[d] == 1 and not outs and not taps and offset == 0:
+            roles[d] = _Role("one")
+        elif len(outs) == 1 and a == 1 and not taps and offset == 0:
+            roles[d] = _Role("batch", y=y)
+        elif not outs and len(taps) == 1 and b == 1 and offset == 0:
+            roles[d] = _Role("group" if w in fit.ties.values() else "in", w=w)
+        elif len(outs) == 1 and len(taps) == 1 and a > 0:
+            roles[d] = _Role("spatial", y, w, stride=a, dilation=abs(b), flip=b < 0, offset=offset)
         else:
             raise NotLiftable(f"data dim {d} is not read as a batch, channel or sliding-window dim")
-    used_y = [r[1] for r in roles.values() if r[0] in ("batch", "spatial")]
-    used_w = [r[2] if r[0] == "spatial" else r[1] for r in roles.values() if r[0] in ("group", "in", "spatial")]
+    used_y = [r.y for r in roles.values() if r.kind in ("batch", "spatial")]
+    used_w = [r.w for r in roles.values() if r.kind in ("group", "in", "spatial")]
     if sorted(used_y) != fit.free or len(set(used_w)) != len(used_w) or \
             set(fit.taps) - set(used_w) - set(fit.ties.values()):
         raise NotLiftable("output or weight dims are not matched one-to-one with data dims")
@@ -248,23 +265,23 @@ def _roles(fit: _Fit) -> dict:
 def _spec(fit: _Fit, x_shape, w_shape, y_shape, bias: bool, fields: dict) -> ConvSpec:
     """The spec at the real sizes."""
     roles = _roles(fit)
-    by = {kind: [d for d, r in roles.items() if r[0] == kind] for kind in ("one", "batch", "group", "in", "spatial")}
+    by = {kind: [d for d, r in roles.items() if r.kind == kind] for kind in ("one", "batch", "group", "in", "spatial")}
     if not 1 <= len(by["spatial"]) <= 3:
         raise NotLiftable(f"{len(by['spatial'])} sliding-window dims (a conv has 1 to 3)")
     tied_w = {f: e for e, f in fit.ties.items()}
-    group_w = [roles[d][1] for d in by["group"]]
+    group_w = [roles[d].w for d in by["group"]]
     out_w = [f for f in sorted(tied_w) if f not in group_w]
     ones_w = [f for f, s in enumerate(w_shape) if f not in fit.taps]
-    in_w = [roles[d][1] for d in by["in"]]
-    kernel_w = [roles[d][2] for d in by["spatial"]]
+    in_w = [roles[d].w for d in by["in"]]
+    kernel_w = [roles[d].w for d in by["spatial"]]
     spatial = [roles[d] for d in by["spatial"]]
     pads, checks = [], []
-    for d, (_, e, f, stride, dilation, flip, offset) in zip(by["spatial"], spatial):
-        span = dilation * (w_shape[f] - 1)
-        before = -(offset - span) if flip else -offset
-        pads.append((before, (y_shape[e] - 1) * stride + span + 1 - x_shape[d] - before))
-    checks += [(x_shape[d], y_shape[roles[d][1]]) for d in by["batch"]]
-    checks += [(x_shape[d], w_shape[roles[d][1]]) for d in by["group"] + by["in"]]
+    for d, r in zip(by["spatial"], spatial):
+        span = r.dilation * (w_shape[r.w] - 1)
+        before = -(r.offset - span) if r.flip else -r.offset
+        pads.append((before, (y_shape[r.y] - 1) * r.stride + span + 1 - x_shape[d] - before))
+    checks += [(x_shape[d], y_shape[roles[d].y]) for d in by["batch"]]
+    checks += [(x_shape[d], w_shape[roles[d].w]) for d in by["group"] + by["in"]]
     checks += [(w_shape[f], y_shape[e]) for f, e in tied_w.items()]
     if any(a != b for a, b in checks) or any(y_shape[e] > 1 for e in range(len(y_shape))
                                              if e not in fit.free and e not in fit.ties):
@@ -274,11 +291,11 @@ def _spec(fit: _Fit, x_shape, w_shape, y_shape, bias: bool, fields: dict) -> Con
         x_perm=tuple(by["one"] + by["batch"] + by["group"] + by["in"] + by["spatial"]),
         x_batch=len(by["one"]) + len(by["batch"]),
         w_perm=tuple(ones_w + group_w + out_w + in_w + kernel_w),
-        y_perm=tuple([roles[d][1] for d in by["batch"]] + [tied_w[f] for f in group_w + out_w]
-                     + [r[1] for r in spatial]),
+        y_perm=tuple([roles[d].y for d in by["batch"]] + [tied_w[f] for f in group_w + out_w]
+                     + [r.y for r in spatial]),
         groups=math.prod(x_shape[d] for d in by["group"]),
-        stride=tuple(r[3] for r in spatial), dilation=tuple(r[4] for r in spatial), pads=tuple(pads),
-        flip=tuple(r[5] for r in spatial), bias=bias, **fields)
+        stride=tuple(r.stride for r in spatial), dilation=tuple(r.dilation for r in spatial), pads=tuple(pads),
+        flip=tuple(r.flip for r in spatial), bias=bias, **fields)
 
 
 # -- 4. prove -------------------------------------------------------------------------------

@@ -1,0 +1,20 @@
+"""Progress bars on stderr for the long steps: the profile, the bench, and a first call that
+measures. tqdm's own rule keeps them off where stderr is not a terminal (logs, CI);
+``CONVREWRITE_PROGRESS=0`` or ``Options(progress=False)`` turns them off anywhere."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm import tqdm
+
+QUIET_ENV = "CONVREWRITE_PROGRESS"
+
+
+def bar(total: int | None = None, desc: str = "", unit: str = "it", delay: float = 0.0,
+        enabled: bool = True) -> tqdm:
+    """A tqdm bar (with rate and ETA) on stderr that appears after ``delay`` seconds."""
+    off = not enabled or os.environ.get(QUIET_ENV, "1") == "0"
+    return tqdm(total=total, desc=desc, unit=unit, delay=delay, file=sys.stderr, disable=True if off else None,
+                dynamic_ncols=True)
