@@ -5,9 +5,9 @@
 
 For each model: sites found and rewritten at the first call, the output checked against the
 model's, eager and optimized timed side by side (quiet), and the forms chosen in 3 fresh
-processes (each with its own cache dir) compared. timm and torchvision are used when
-installed (they need a torch with a matching torchvision); models of a missing library are
-listed as skipped. Results go to bench/RESULTS.md's real-models section.
+processes (each with its own cache dir) compared. timm, torchvision and transformers are used
+when installed (timm and torchvision need a torch with a matching torchvision); models of a
+missing library are listed as skipped. Results go to bench/RESULTS.md's real-models section.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from figures import busy, replace_section  # noqa: E402
 
 HERE = Path(__file__).parent
 ORIGINAL = "original"  # a site left as written, whatever its original is called
-MODELS = {  # name: (library, constructor call, input size)
+MODELS = {  # name: (library, constructor call, input size: an image's side, or a text's tokens)
     "repvgg_a0": ("timm", "timm.create_model('repvgg_a0')", 224),
     "mobilevit_xxs": ("timm", "timm.create_model('mobilevit_xxs')", 256),
     "mobilenetv3_small_100": ("timm", "timm.create_model('mobilenetv3_small_100')", 224),
@@ -42,7 +43,13 @@ MODELS = {  # name: (library, constructor call, input size)
     "mobilenet_v2": ("torchvision", "torchvision.models.mobilenet_v2()", 224),
     "squeezenet1_0": ("torchvision", "torchvision.models.squeezenet1_0()", 224),
     "shufflenet_v2_x1_0": ("torchvision", "torchvision.models.shufflenet_v2_x1_0()", 224),
+    # transformers: forward(**kwargs) and ModelOutput, captured through dynamo
+    "hf-squeezebert": ("transformers", "transformers.SqueezeBertModel(transformers.SqueezeBertConfig())", 128),
+    "hf-convbert": ("transformers", "transformers.ConvBertModel(transformers.ConvBertConfig())", 128),
+    "hf-mobilevit-small": ("transformers", "transformers.MobileViTModel(transformers.MobileViTConfig())", 256),
+    "hf-convnext-tiny": ("transformers", "transformers.ConvNextModel(transformers.ConvNextConfig())", 224),
 }
+TEXT = ("hf-squeezebert", "hf-convbert")  # inputs are token ids
 
 
 def build(name: str):
@@ -50,7 +57,10 @@ def build(name: str):
     module = importlib.import_module(library)
     torch.manual_seed(0)
     model = eval(call, {library: module}).eval()  # noqa: S307 (a constructor from the table above)
-    return model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    if name in TEXT:
+        return model, torch.randint(0, 1000, (1, size), generator=generator)
+    return model, torch.randn(1, 3, size, size, generator=generator)
 
 
 def chosen_forms(name: str, busy_cores: int) -> list[str]:
@@ -69,7 +79,9 @@ def bench_model(name: str, busy_cores: int) -> dict:
     model, x = build(name)
     optimized = convrewrite.optimize(model)
     with busy(busy_cores), torch.no_grad():
+        start = time.perf_counter()
         out = optimized(x)
+        first_s = time.perf_counter() - start
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
@@ -82,31 +94,35 @@ def bench_model(name: str, busy_cores: int) -> dict:
     return {"model": name, "sites": len(report or ()), "rewritten": len(report.rewritten) if report else 0,
             "speedup": times["eager"] / times["optimized"], "eager_ms": times["eager"] * 1e3,
             "rewritten_per_process": [sum(c != ORIGINAL for c in r) for r in runs],
-            "same_sites": same, "max_sites": max(map(len, runs)), "note": (report.note if report else "").split("\n")[0]}
+            "same_sites": same, "max_sites": max(map(len, runs)), "first_s": first_s}
 
 
-def marks(busy_cores: int) -> tuple[str, str]:
-    """RESULTS.md's section for runs with ``busy_cores`` (one section each)."""
-    return f"<!-- bench:models{busy_cores} -->", f"<!-- /bench:models{busy_cores} -->"
+def marks(busy_cores: int, libraries: str) -> tuple[str, str]:
+    """RESULTS.md's section for runs of ``libraries``' models with ``busy_cores`` (one each)."""
+    return f"<!-- bench:models{busy_cores}:{libraries} -->", f"<!-- /bench:models{busy_cores}:{libraries} -->"
 
 
-def section(rows: list[dict], skipped: list[str], command: str, busy_cores: int) -> str:
+def section(rows: list[dict], skipped: list[str], command: str, busy_cores: int, libraries: str) -> str:
     fp = fingerprint("cpu")
-    lines = [marks(busy_cores)[0], f"## Real models, {busy_cores} busy core(s) at the first call", "", f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+    lines = [marks(busy_cores, libraries)[0], f"## Real models ({libraries}), {busy_cores} busy core(s) at the first call",
+             "", f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
              f"- machine: {fp['model']} ({fp['isa']}, {fp['threads']} threads), torch {torch.__version__}",
              f"- command: `{command}`", f"- busy cores during each first call: {busy_cores}", "",
              "Random weights, batch 1, inference. speedup: eager over optimized, timed side by side after the first "
-             "call. rewritten in 3 processes: sites not left on the original in each of 3 fresh processes; "
+             "call. first call: seconds of the optimized model's first call (capture, measurements, check). "
+             "rewritten in 3 processes: sites not left on the original in each of 3 fresh processes; "
              "same: sites whose form agreed in all 3. Where nothing is rewritten the optimized model runs the "
              "model's own forward, so a speedup off 1.00x there is this comparison's noise.", "",
              tabulate([(r["model"], r["sites"], r["rewritten"], f"{r['eager_ms']:.1f}", f"{r['speedup']:.2f}x",
-                        ", ".join(map(str, r["rewritten_per_process"])), f"{r['same_sites']}/{r['max_sites']}")
+                        f"{r['first_s']:.1f}", ", ".join(map(str, r["rewritten_per_process"])),
+                        f"{r['same_sites']}/{r['max_sites']}")
                        for r in rows],
-                      ["model", "sites", "rewritten", "eager ms", "speedup", "rewritten in 3 processes", "same"],
+                      ["model", "sites", "rewritten", "eager ms", "speedup", "first call s", "rewritten in 3 processes",
+                       "same"],
                       tablefmt="github"), ""]
     if skipped:
         lines += [f"Not installed here, skipped: {', '.join(skipped)}.", ""]
-    return "\n".join(lines + [marks(busy_cores)[1]])
+    return "\n".join(lines + [marks(busy_cores, libraries)[1]])
 
 
 def main(argv=None) -> int:
@@ -125,9 +141,10 @@ def main(argv=None) -> int:
         rows.append(bench_model(name, args.busy_cores))
         print(rows[-1], file=sys.stderr)
     command = "python bench/models.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = section(rows, [n for n in names if n not in available], command.strip(), args.busy_cores)
+    libraries = "+".join(sorted({MODELS[n][0] for n in available}))
+    text = section(rows, [n for n in names if n not in available], command.strip(), args.busy_cores, libraries)
     print(text)
-    replace_section(text, marks(args.busy_cores))
+    replace_section(text, marks(args.busy_cores, libraries))
     return 0
 
 
