@@ -14,6 +14,7 @@ import threading
 import torch
 import torch.fx as fx
 
+from .device import generator
 from .forms import Form
 from .site import Site
 
@@ -63,7 +64,7 @@ def verify(form: Form, original: Form, spec) -> str | None:
 
 
 def _compare(form: Form, original: Form, spec) -> str | None:
-    args = spec.example_inputs(torch.Generator(spec.device).manual_seed(0))
+    args = spec.example_inputs(generator(spec.device, 0))
     inputs = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
     with torch.set_grad_enabled(spec.grad):
         expected, got = original(*args, spec=spec), form(*args, spec=spec)
@@ -71,7 +72,7 @@ def _compare(form: Form, original: Form, spec) -> str | None:
         return f"form {form.name!r} returned {tuple(got.shape)} {got.dtype}, expected {tuple(expected.shape)} {expected.dtype}"
     pairs = [("output", got, expected)]
     if spec.grad:
-        grad_out = torch.randn(expected.shape, generator=torch.Generator(spec.device).manual_seed(1),
+        grad_out = torch.randn(expected.shape, generator=generator(spec.device, 1),
                                dtype=expected.dtype, device=expected.device)
         got_grads = torch.autograd.grad(got, inputs, grad_out)
         want_grads = torch.autograd.grad(expected, inputs, grad_out)

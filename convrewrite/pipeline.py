@@ -13,10 +13,10 @@ import os
 
 import torch.fx as fx
 
+from . import progress
 from .decide import AS_WRITTEN, NONE, against_source, choose
 from .emit import emit, verify
 from .forms import get_form
-from . import progress
 from .options import Options
 from .report import Report, SiteReport
 from .rules import rules

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ...capture import OPAQUE, ROOT, SECONDS, info, register_opaque, state_kept
+from ...device import generator
 from ...hooks import has_hooks
 from ...kinds.conv.forms import ORIGINAL
 from ...measure import time_callables, time_once
@@ -168,8 +169,8 @@ def _time_source(run, operands: list[Operand], spec) -> float:
     """Seconds per call of the code on random operands, timed as its forms are (forward, and
     backward if ``spec.grad``); the first call's figure is cold, and close calls need better.
     Code slower than ``ONE_CALL_ENOUGH`` is timed once: its noise is small beside its time."""
-    generator = torch.Generator(spec.device).manual_seed(0)
-    values = {o.name: torch.randn(o.shape, generator=generator, dtype=spec.torch_dtype, device=spec.device)
+    seeded = generator(spec.device, 0)
+    values = {o.name: torch.randn(o.shape, generator=seeded, dtype=spec.torch_dtype, device=spec.device)
               .requires_grad_(spec.grad) for o in operands}
 
     def call():
