@@ -44,6 +44,8 @@ def explain(model: nn.Module, *example_inputs, **options) -> Report:
     """Report what ``optimize`` does to ``model`` on these inputs, site by site.
 
     For a module returned by :func:`optimize`, its own specialisation for these inputs.
+    ``print(report)`` shows each site's choice; ``print(report.candidates())`` every
+    candidate's figure and why it won or lost.
     """
     if isinstance(model, ConvRewriteModule) and not options:
         return model.specialize(*example_inputs)

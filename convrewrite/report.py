@@ -64,6 +64,20 @@ class Report:
     def __iter__(self):
         return iter(self.sites)
 
+    def candidates(self) -> str:
+        """Every candidate form of every distinct site (repeated layers once), with its figure,
+        its time relative to the original, and why it was or was not chosen."""
+        rows, seen = [], set()
+        for site in self:
+            if not site.times or (site.key, site.original) in seen:
+                continue
+            seen.add((site.key, site.original))
+            for name, seconds in sorted(site.times.items(), key=lambda item: item[1]):
+                ratio = seconds / site.t_original if site.t_original else None
+                rows.append((site.path, site.shape, name, _us(seconds), _x(ratio), _verdict(site, name)))
+        cols = ("site", "shape", "candidate", "us", "vs original", "verdict")
+        return tabulate(rows, cols, tablefmt="simple") if rows else "no candidate was timed or predicted"
+
     def __str__(self) -> str:
         head = f"convrewrite: {len(self.rewritten)} of {len(self.sites)} site(s) rewritten"
         head += f" for {self.signature}" if self.signature else ""
@@ -76,6 +90,18 @@ class Report:
                  _x(s.predicted_speedup), s.source, s.note) for s in self.sites]
         cols = ("site", "pattern", "shape", "original", "chosen", "orig us", "chosen us", "speedup", "figures", "note")
         return f"{head}\n{tabulate(rows, cols, tablefmt='simple')}"
+
+
+def _verdict(site: SiteReport, name: str) -> str:
+    fastest = min(site.times, key=site.times.get)
+    if name == site.chosen:
+        return "chosen" + (f" ({site.note})" if site.note and name == site.original else "")
+    if name == site.original:
+        return "the original, replaced"
+    if name != fastest:
+        return f"slower than {fastest}"
+    return f"fastest, but {site.note.removeprefix('kept original: ')}" if site.note.startswith("kept original") \
+        else "fastest, but not by the margin and the figures' noise (or not among forms=)"
 
 
 def _us(seconds: float | None) -> str:
