@@ -7,11 +7,13 @@ graphs in :mod:`convrewrite.check` and the backend).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 from .forms import forms_for
-from .measure import Timings, time_forms
+from .measure import Timings, time_code, time_forms
 from .options import Options
+from .site import Site
 from .table import CostTable, user_table_path
 
 TABLE, PREDICTED, MEASURED, NONE = "table", "predicted", "measured", "none"
@@ -93,6 +95,26 @@ def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
     if original not in times:
         return Choice(original, original, times, NONE)
     return Choice(_pick(times, original, allowed, options.margin, noise), original, times, source)
+
+
+RETIME_BELOW = 0.2  # seconds: code faster than this on its (cold) first call is timed again
+SOURCES_KEPT = 256  # code timings remembered, the least recently used dropped first
+_source_seconds: collections.OrderedDict = collections.OrderedDict()
+
+
+def source_seconds(site: Site) -> float | None:
+    """Seconds per call of the code a site replaces: its first call's figure where that is too
+    long to be mostly warm-up, else timed now (once per ``site.source_key``)."""
+    if site.source_runner is None or (site.source_seconds or 0.0) >= RETIME_BELOW:
+        return site.source_seconds
+    key = site.source_key
+    if key not in _source_seconds:
+        with site.source_runner() as run:
+            _source_seconds[key] = time_code(run)
+        if len(_source_seconds) > SOURCES_KEPT:
+            _source_seconds.popitem(last=False)
+    _source_seconds.move_to_end(key)
+    return _source_seconds[key]
 
 
 def against_source(choice: Choice, seconds: float, margin: float) -> Choice:

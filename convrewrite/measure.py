@@ -58,6 +58,7 @@ WAITED_CORES = 0.1  # our threads' run-queue wait, in cores, above which too (qu
 LOADED_ROUNDS = 2  # contended figures are timed for this many more times the rounds asked for
 WARM_CALLS = 8  # at most this many warm-up calls per callable
 WARM_AGREE = 0.25  # warm once two calls in a row agree within this (relative)
+ONE_CALL_ENOUGH = 0.02  # seconds: one warm call of user code this slow is figure enough
 _FLUSH = object()  # the flush's own entry among the timed callables: no user's name can equal it
 
 
@@ -288,9 +289,11 @@ def _after(first: Callable[[], object], fn: Callable[[], object]) -> Callable[[]
     return both
 
 
-def time_once(fn: Callable[[], object]) -> float:
-    """Seconds of one call of ``fn`` (CUDA-synchronised): enough for slow code already warm."""
-    return _block(_timer(fn), 1)
+def time_code(fn: Callable[[], object]) -> float:
+    """Seconds per call of user code (a loop a form may replace): one call where that takes
+    ``ONE_CALL_ENOUGH`` or more (its noise is small beside its time), else three rounds."""
+    once = _block(_timer(fn), 1)
+    return once if once >= ONE_CALL_ENOUGH else time_callables({"code": fn}, rounds=3)["code"]
 
 
 def _timer(fn: Callable[[], object]) -> benchmark.Timer:

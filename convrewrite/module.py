@@ -3,63 +3,40 @@
 It shares the original's parameter, buffer and submodule dicts, so ``state_dict()`` keys and
 values are the original's, an optimizer over either trains both, and ``train()``/``eval()``
 reach the same submodules; each rewritten graph shares them too, so parameters or submodules
-reassigned later are what runs. Each new input signature is captured, rewritten and cached:
-by ``torch.fx`` where it can trace the forward, else through dynamo
-(:mod:`convrewrite.dynamo_route`). Whatever cannot be captured or run that way runs through
-the original module, unchanged.
+reassigned later are what runs. Each new input signature is bound and keyed here (on the
+hot path, so read straight from ``__dict__``), built by :mod:`convrewrite.specialize` (fx, or
+dynamo where fx cannot capture) and cached. Whatever cannot be captured or run that way runs
+through the original module, unchanged.
 """
 
 from __future__ import annotations
 
-import collections
-import copy
 import dataclasses
 import inspect
 import operator
 import threading
-import warnings
 from typing import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import ROOT, CaptureError, annotate, capture, fold_sizes, hidden_sites, opaque_root
-from .check import ORIGINAL, REWRITTEN, rewrite_wins, whole_graph_times
-from .dynamo_route import DynamoRoute
 from .hooks import global_hooks, has_hooks, own_hooks
 from .options import Options
-from .pipeline import rewrite
 from .report import Report
+from .specialize import NOT_RUN, Specialization, Specializer
 
 MAX_SPECIALIZATIONS = 64  # input signatures kept per module; the oldest is dropped beyond that
-
-
-@dataclasses.dataclass
-class Specialization:
-    """What runs for one input signature, and its report: the rewritten graph ``gm`` (called
-    with forward's arguments in order), else the ``compiled`` forward (called as forward is),
-    else (both None) the original's own forward."""
-
-    gm: fx.GraphModule | None
-    report: Report
-    watched: tuple[nn.Module, ...] = ()  # rewritten modules: a hook added to one invalidates the graph
-    compiled: Callable | None = None
-
-    def stale(self) -> bool:
-        return any(own_hooks(m) for m in self.watched)
 
 
 @dataclasses.dataclass
 class _State:
     """Per-module caches; kept out of nn.Module's attribute registry."""
 
+    specializer: Specializer
     specs: dict = dataclasses.field(default_factory=dict)
-    traces: dict = dataclasses.field(default_factory=dict)  # concrete (None/bool) arguments -> graph or error
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
-    warned: set = dataclasses.field(default_factory=set)  # reasons already warned about
     last_report: Report | None = None
-    dynamo: DynamoRoute | None = None  # made at the first signature fx cannot capture
 
 
 _training = operator.attrgetter("training")
@@ -81,11 +58,6 @@ def _value_key(v):
     if isinstance(v, dict):
         return (dict, tuple((k, _value_key(i)) for k, i in v.items()))
     return type(v)
-
-
-def describe(args) -> str:
-    """A short human-readable form of the tensor arguments' shapes and dtypes."""
-    return ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args if isinstance(a, torch.Tensor))
 
 
 class ConvRewriteModule(nn.Module):
@@ -179,7 +151,7 @@ class ConvRewriteModule(nn.Module):
                 # no specialising inside a trace (the outer optimize() of a model holding this one, say)
                 return original(*args, **kwargs)
             spec, output = self._specialized(args, kwargs, flat)
-            if output is not _NOT_RUN:
+            if output is not NOT_RUN:
                 return output
         # forward, not __call__: the root has no hooks (checked by the caller)
         if spec.gm is not None:
@@ -228,22 +200,22 @@ class ConvRewriteModule(nn.Module):
     def _specialized(self, args: tuple, kwargs: dict, flat: tuple | None):
         """The specialisation for this call, and its output if building it ran the call."""
         if flat is not None:
-            return self._cached(self._key(flat), lambda: self._build(flat))
+            return self._cached(self._key(flat), lambda: self._state.specializer.build(flat))
         if self.__dict__["_convrewrite_arity"] is not None:  # the original raises the call's own error
             return Specialization(None, Report(note="not captured: the arguments do not bind to forward's "
-                                                    "signature")), _NOT_RUN
-        return self._cached(self._call_key(args, kwargs), lambda: self._through_dynamo(args, kwargs))
+                                                    "signature")), NOT_RUN
+        return self._cached(self._call_key(args, kwargs), lambda: self._state.specializer.through_dynamo(args, kwargs))
 
     def _cached(self, key: tuple, build: Callable):
         """The specialisation for ``key``, built (and this call run) if there is none yet."""
         state = self._state
         spec = state.specs.get(key)
         if spec is not None and not spec.stale():
-            return spec, _NOT_RUN
+            return spec, NOT_RUN
         with state.lock:
             spec = state.specs.get(key)
             if spec is not None and not spec.stale():
-                return spec, _NOT_RUN
+                return spec, NOT_RUN
             spec, output = build()
             state.specs.pop(key, None)
             if len(state.specs) >= MAX_SPECIALIZATIONS:
@@ -252,93 +224,18 @@ class ConvRewriteModule(nn.Module):
             state.last_report = spec.report
         return spec, output
 
-    def _build(self, flat: tuple):
-        """Capture (once per pattern of None/bool arguments), annotate by running the graph
-        once on these inputs (its output is this call's), and rewrite."""
-        signature = describe(flat)
-        traced = self._trace(flat)
-        if isinstance(traced, str) or hidden_sites(traced):  # dynamo sees into what fx cannot trace
-            return self._through_dynamo(*_as_call(self._forward_signature, flat))
-        try:
-            gm = _sharing_graph_module(traced, self.original)
-            output = annotate(gm, flat)
-            fold_sizes(gm)
-        except Exception as e:  # the original reports the user's own error, if it is one
-            return self._fallen_back(signature, "the captured graph failed on these inputs", e), _NOT_RUN
-        why = opaque_root(traced)
-        try:
-            report = Report(rewrite(gm, self.options).sites, signature, f"not traced: {why}" if why else "")
-            if report.rewritten and self.options.check:
-                report = self._checked(report, gm, flat)
-        except Exception as e:  # a failure of the pass never reaches the user: this call's output stands
-            return self._fallen_back(signature, "rewriting failed", e), output
-        if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
-            if why and why not in self._state.warned:
-                self._state.warned.add(why)
-                warnings.warn(f"convrewrite: {type(self.original).__name__} runs unchanged: {why}", stacklevel=5)
-            return Specialization(None, report), output
-        watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
-        return Specialization(gm, report, watched), output
-
-    def _through_dynamo(self, args: tuple, kwargs: dict):
-        """Capture through dynamo (see :mod:`convrewrite.dynamo_route`), running this call."""
-        state, signature = self._state, describe((*args, *kwargs.values()))
-        if state.dynamo is None:
-            state.dynamo = DynamoRoute(self.original, self.options)
-        try:
-            compiled, report, output = state.dynamo.specialize(args, kwargs, signature)
-        except Exception as e:  # the original reports the user's own error, if it is one
-            return self._fallen_back(signature, "capture through dynamo failed", e), _NOT_RUN
-        return Specialization(None, report, compiled=compiled if report.rewritten else None), output
-
-    def _fallen_back(self, signature: str, what: str, error: Exception) -> Specialization:
-        """The original, for these inputs, with one warning naming the real reason."""
-        why = f"{what} ({type(error).__name__}: {error})"
-        warnings.warn(f"convrewrite: {why}; these inputs run through the original module "
-                      f"({type(self.original).__name__})", stacklevel=6)
-        return Specialization(None, Report(signature=signature, note=f"not rewritten: {why}"))
-
-    def _checked(self, report: Report, gm: fx.GraphModule, flat: tuple) -> Report:
-        """``report``, or its sites back on their originals if the whole rewritten graph is
-        not clearly faster than the model's own forward on these inputs."""
-        if any(has_hooks(m) for m in self.original.modules()):  # timing would run them again and again
-            return report.noted("whole graph not checked: the model has hooks")
-        times = whole_graph_times(_positional(self.original.forward, self._forward_signature), gm.forward,
-                                  self.original, flat)
-        if len(times) < 2:
-            return report.kept_original("kept original: the whole-graph check could not run both graphs")
-        old, new = times[ORIGINAL], times[REWRITTEN]
-        load = " (under load from other processes)" if times.contended else ""
-        line = f"whole model, warm, on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms as written{load}"
-        if not rewrite_wins(times):
-            return report.kept_original(f"kept original: the rewritten graph ran {new / old:.2f}x the time").noted(line)
-        return report.noted(line)
-
-    def _trace(self, flat: tuple) -> fx.GraphModule | str:
-        """The captured graph for this pattern of None/bool arguments and training flags."""
-        names = list(self._forward_signature.parameters)
-        concrete = {n: v for n, v in zip(names, flat) if v is None or isinstance(v, bool)}
-        key = (tuple(concrete.items()), tuple(m.training for m in self.__dict__["_convrewrite_inlined"]))
-        traces = self._state.traces
-        if key not in traces:
-            try:
-                traces[key] = capture(self.original, concrete)
-            except CaptureError as e:
-                traces[key] = str(e)
-                warnings.warn(f"convrewrite: {type(self.original).__name__} runs unchanged: {e}", stacklevel=6)
-        return traces[key]
-
     def _reset_state(self) -> None:
         original = self.original
         tracer = fx.Tracer()
         signature = inspect.signature(original.forward)
         variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values())
+        # modules whose forward is traced through: Python reads of their .training are baked in
+        inlined = tuple(m for name, m in original.named_modules() if not tracer.is_leaf_module(m, name))
         self.__dict__.update(
-            _state=_State(),
+            _state=_State(Specializer(original, self.options, signature, inlined)),
             _convrewrite_signature=signature,
             _convrewrite_arity=None if variadic else len(signature.parameters),
-            # modules whose forward is traced through: Python reads of their .training are baked in
-            _convrewrite_inlined=tuple(m for name, m in original.named_modules() if not tracer.is_leaf_module(m, name)),
+            _convrewrite_inlined=inlined,
         )
 
     # -- nn.Module behaviour that must reach the original too --------------------------------
@@ -384,37 +281,3 @@ class ConvRewriteModule(nn.Module):
         self._reset_state()
 
 
-def _sharing_graph_module(traced: fx.GraphModule, original: nn.Module) -> fx.GraphModule:
-    """A fresh GraphModule over a copy of ``traced``'s graph whose parameters, buffers and
-    submodules are the original's own dicts (submodules it adds stay its own)."""
-    gm = fx.GraphModule(traced, copy.deepcopy(traced.graph))
-    own = {ROOT: original} if opaque_root(traced) else {}
-    gm.__dict__.update(_parameters=original._parameters, _buffers=original._buffers,
-                       _modules=collections.ChainMap(own, original._modules))
-    return gm
-
-
-def _positional(forward, signature: inspect.Signature):
-    """``forward`` called with the arguments in its parameter order, as the graphs take them
-    (keyword-only parameters passed by name)."""
-    if all(p.kind != p.KEYWORD_ONLY for p in signature.parameters.values()):
-        return forward
-    return lambda *flat: (lambda args, kwargs: forward(*args, **kwargs))(*_as_call(signature, flat))
-
-
-def _as_call(signature: inspect.Signature, flat: tuple) -> tuple[tuple, dict]:
-    """Forward's arguments in parameter order as a call passes them: positional, and
-    keyword-only ones by name."""
-    params = list(signature.parameters.values())
-    n = sum(p.kind != p.KEYWORD_ONLY for p in params)
-    return flat[:n], {p.name: v for p, v in zip(params[n:], flat[n:])}
-
-
-def _submodule(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-_NOT_RUN = object()

@@ -1,10 +1,14 @@
 """Choices made from fake tables: the margin, the source of the figures, allowed forms."""
 
+import contextlib
+
 import pytest
 
+from convrewrite import decide
 from convrewrite.decide import CONTENDED, MEASURED, NONE, PREDICTED, TABLE, beats, choose
 from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.options import Options
+from convrewrite.site import Site
 from convrewrite.table import CostTable, fingerprint, user_table_path
 
 SPEC = ChannelMixSpec(4, 8, 16, (32,))
@@ -121,3 +125,23 @@ def test_a_win_must_exceed_the_noise_as_well_as_the_margin(noise, expected):
 
 def test_ties_keep_the_original():
     assert not beats(1.0, 1.0, margin=1.0)
+
+
+def _code_site(first_call_s, runs, key="loop"):
+    @contextlib.contextmanager
+    def runner():
+        runs.append(key)
+        yield lambda: sum(range(100))
+
+    return Site(None, None, (), None, "as written", "conv loop", "p", source_seconds=first_call_s,
+                source_runner=runner, source_key=key)
+
+
+def test_code_is_timed_once_per_key_unless_its_first_call_was_long(monkeypatch):
+    monkeypatch.setattr(decide, "time_code", lambda call: (call(), 0.01)[1])
+    monkeypatch.setattr(decide, "_source_seconds", decide._source_seconds.__class__())
+    runs = []
+    assert decide.source_seconds(_code_site(5.0, runs)) == 5.0 and runs == []  # long: its own figure
+    assert decide.source_seconds(_code_site(1e-4, runs)) == 0.01 and runs == ["loop"]  # short: cold, retimed
+    assert decide.source_seconds(_code_site(None, runs)) == 0.01 and runs == ["loop"]  # the same code: remembered
+    assert decide.source_seconds(_code_site(None, runs, key="other")) == 0.01 and runs == ["loop", "other"]

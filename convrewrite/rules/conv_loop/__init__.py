@@ -12,11 +12,16 @@ that are neither tensors nor fixed, and code that is not shown to be a convoluti
 
 Code that did trace, unrolled (dynamo unrolls every loop), is found as :mod:`.regions` of
 the graph and analysed at its fixed sizes; a region that is not a convolution is not a site.
+
+The rule does not time anything: each lifted site carries a runner of its code
+(``Site.source_runner``), which the decision times (:func:`convrewrite.decide.source_seconds`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import inspect
 import weakref
 
@@ -27,15 +32,12 @@ from ...capture import OPAQUE, ROOT, SECONDS, info, register_opaque, state_kept
 from ...device import generator
 from ...hooks import has_hooks
 from ...kinds.conv.forms import ORIGINAL
-from ...measure import time_callables, time_once
 from ...site import Site
 from .._fx import FLOAT_DTYPES
 from . import regions
 from .lift import MAX_OPERANDS, Lifted, NotLiftable, Operand, lift
 
 PATTERN, UNLIFTED = "conv loop", "untraced code"
-RETIME_BELOW = 0.2  # seconds: code faster than this on its (cold) first call is timed properly
-ONE_CALL_ENOUGH = 0.02  # seconds: one warm call of code this slow is figure enough
 UNFOLDS = "calls unfold: analysed as one call"
 
 
@@ -78,14 +80,14 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site:
     try:
         if has_hooks(module):
             raise NotLiftable("has hooks")
-        lifted, spec, seconds = _lift(module, args, info(node), node.meta.get(SECONDS))
+        lifted, spec, source = _lift(module, args, info(node))
     except NotLiftable as e:
         return Site(node, None, (), None, ORIGINAL, UNLIFTED, path, note=f"left as written: {e}",
                     source_seconds=node.meta.get(SECONDS))
     tensors = _tensor_args(args)
     weights = tuple(None if n is None else tensors.get(n, f"{node.target}.{n}") for n in (lifted.w, lifted.b))
     return Site(node, tensors[lifted.x], weights, spec, ORIGINAL, PATTERN, path, note="lifted from Python code",
-                source_seconds=seconds)
+                source_seconds=node.meta.get(SECONDS), source_runner=source[0], source_key=source[1])
 
 
 def _region_site(gm: fx.GraphModule, region: regions.Region) -> Site | None:
@@ -94,14 +96,14 @@ def _region_site(gm: fx.GraphModule, region: regions.Region) -> Site | None:
     module, inputs = regions.as_module(gm, region)
     args = dict(enumerate(inputs))
     try:
-        lifted, spec, seconds = _lift(module, args, info(region.output), None, shrink=False)
+        lifted, spec, source = _lift(module, args, info(region.output), shrink=False)
     except Exception:  # NotLiftable, or the graph's ops failing on the analysis's float64 probes
         return None
     tensors = _tensor_args(args)
     rest = tuple(n for n in region.nodes if n is not region.output)
     return Site(region.output, tensors[lifted.x], (tensors.get(lifted.w), tensors.get(lifted.b)), spec, ORIGINAL,
                 PATTERN, regions.path(region), rest, note=f"lifted from {len(region.nodes)} ops of unrolled code",
-                source_seconds=seconds)
+                source_runner=source[0], source_key=source[1])
 
 
 def _tensor_args(args: dict) -> dict:
@@ -109,9 +111,9 @@ def _tensor_args(args: dict) -> dict:
     return {f"arg:{k}": v for k, v in args.items() if isinstance(v, fx.Node)}
 
 
-def _lift(module: torch.nn.Module, args: dict, out, seconds: float | None, *, shrink: bool = True):
-    """(lifted roles, spec, seconds the code takes) of ``module`` called on ``args`` (graph
-    nodes and constants) returning ``out``, or NotLiftable."""
+def _lift(module: torch.nn.Module, args: dict, out, *, shrink: bool = True):
+    """(lifted roles, spec, (source runner, source key)) of ``module`` called on ``args``
+    (graph nodes and constants) returning ``out``, or NotLiftable."""
     if out is None:
         raise NotLiftable("does not return one tensor")
     tensors = _tensor_args(args)
@@ -126,35 +128,34 @@ def _lift(module: torch.nn.Module, args: dict, out, seconds: float | None, *, sh
         raise NotLiftable(f"reads {len(shapes)} tensors (a convolution reads data, weight and bias)")
     operands = [Operand(n, tuple(s), n in tensors) for n, s in shapes.items()]
     run = _runner(module, args, state)
-    lifted, seconds = _cached_lift(module, args, run, operands, out, seconds, shrink)
+    lifted, key = _cached_lift(module, args, run, operands, out, shrink)
     if info(tensors[lifted.x]).dtype != out.dtype:
         raise NotLiftable("returns another dtype than its data")
-    return lifted, dataclasses.replace(lifted.spec, input_grad=info(tensors[lifted.x]).requires_grad), seconds
+    spec = dataclasses.replace(lifted.spec, input_grad=info(tensors[lifted.x]).requires_grad)
+    return lifted, spec, (functools.partial(_source_runner, module, run, operands, lifted.spec), (key, spec.key()))
 
 
 _ANALYSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {what it was analysed for: result}
 
 
 def _cached_lift(module: torch.nn.Module, args: dict, run, operands: list[Operand], out,
-                 seconds: float | None, shrink: bool) -> tuple[Lifted, float]:
-    """``lift`` (and the code's time: ``seconds`` of its first call, retimed if short) once per
-    module, code, settings and signature: optimize() again does not repeat the analysis."""
+                 shrink: bool) -> tuple[Lifted, tuple]:
+    """``lift`` once per module, code, settings and signature (optimize() again does not repeat
+    the analysis), and that key: what the code's time depends on besides the spec."""
     key = (_code_state(module), tuple(operands), out.shape, out.dtype, out.requires_grad,
            tuple((k, repr(v)) for k, v in args.items() if not isinstance(v, fx.Node)))
     results = _ANALYSED.setdefault(module, {})
     if key not in results:
         try:
-            with state_kept(module):  # probes and timing runs must leave nothing in the module
-                lifted = lift(run, operands, out.shape, shrink=shrink, dtype=str(out.dtype).removeprefix("torch."),
-                              device=out.device.type, grad=out.requires_grad)
-                if seconds is None or seconds < RETIME_BELOW:
-                    seconds = _time_source(run, operands, lifted.spec)
-            results[key] = (lifted, seconds)
+            with state_kept(module):  # probes must leave nothing in the module
+                results[key] = lift(run, operands, out.shape, shrink=shrink,
+                                    dtype=str(out.dtype).removeprefix("torch."), device=out.device.type,
+                                    grad=out.requires_grad)
         except NotLiftable as e:
             results[key] = e
     if isinstance(results[key], NotLiftable):
         raise results[key]
-    return results[key]
+    return results[key], key
 
 
 def _code_state(module: torch.nn.Module) -> tuple:
@@ -165,10 +166,10 @@ def _code_state(module: torch.nn.Module) -> tuple:
                  for name, m in module.named_modules())
 
 
-def _time_source(run, operands: list[Operand], spec) -> float:
-    """Seconds per call of the code on random operands, timed as its forms are (forward, and
-    backward if ``spec.grad``); the first call's figure is cold, and close calls need better.
-    Code slower than ``ONE_CALL_ENOUGH`` is timed once: its noise is small beside its time."""
+@contextlib.contextmanager
+def _source_runner(module: torch.nn.Module, run, operands: list[Operand], spec):
+    """A call that runs the code on random operands as its forms are timed (forward, and
+    backward if ``spec.grad``); the module's attributes are put back when the block ends."""
     seeded = generator(spec.device, 0)
     values = {o.name: torch.randn(o.shape, generator=seeded, dtype=spec.torch_dtype, device=spec.device)
               .requires_grad_(spec.grad) for o in operands}
@@ -177,8 +178,8 @@ def _time_source(run, operands: list[Operand], spec) -> float:
         out = run(values)
         return torch.autograd.grad(out, list(values.values()), torch.ones_like(out), allow_unused=True) \
             if spec.grad else out
-    once = time_once(call)
-    return once if once >= ONE_CALL_ENOUGH else time_callables({"source": call}, rounds=3)["source"]
+    with state_kept(module):  # timing runs must leave nothing in the module
+        yield call
 
 
 def _runner(module: torch.nn.Module, args: dict, state: dict):

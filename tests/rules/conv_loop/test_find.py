@@ -248,3 +248,22 @@ def test_a_loop_sliced_by_the_inputs_sizes_is_lifted_per_signature(fake_table):
         assert_same_outputs_and_grads(model, opt, inputs)
         (row,) = opt.report_for(inputs.requires_grad_()).rewritten
         assert row.pattern == conv_loop.PATTERN and "groups=4" in row.shape
+
+
+def test_the_rule_does_not_time_the_code_it_lifts(monkeypatch):
+    from convrewrite import measure
+
+    def no_clock(*args, **kwargs):
+        raise AssertionError("a finder read the clock")
+
+    for name in ("time_callables", "time_code", "time_forms"):
+        monkeypatch.setattr(measure, name, no_clock)
+    model, x = CausalTaps(), torch.randn(2, 4, 30)
+    gm = capture(model)
+    with torch.no_grad():  # timed as inference: the runner returns the code's output
+        annotate(gm, (x,))
+    fold_sizes(gm)
+    (site,) = conv_loop.find(gm)
+    assert site.spec is not None and site.from_code and site.source_runner is not None
+    with site.source_runner() as run:
+        assert run().shape == x.shape

@@ -1,0 +1,201 @@
+"""Building a specialisation: what runs for one input signature of an optimized module.
+
+:class:`Specializer` captures the module with fx (sizes folded to the signature's), rewrites
+and checks the graph, or captures through dynamo where fx cannot
+(:mod:`convrewrite.dynamo_route`), and falls back to the original with one warning naming
+the reason. :class:`~convrewrite.module.ConvRewriteModule` caches what it builds per signature.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import inspect
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import distributed
+from .capture import ROOT, CaptureError, annotate, capture, fold_sizes, hidden_sites, opaque_root
+from .check import ORIGINAL, REWRITTEN, rewrite_wins, whole_graph_times
+from .dynamo_route import DynamoRoute
+from .hooks import has_hooks, own_hooks
+from .options import Options
+from .pipeline import rewrite
+from .report import Report
+from .warn import warn_user
+
+NOT_RUN = object()  # a build's output where building did not run the call
+
+
+@dataclasses.dataclass
+class Specialization:
+    """What runs for one input signature, and its report: the rewritten graph ``gm`` (called
+    with forward's arguments in order), else the ``compiled`` forward (called as forward is),
+    else (both None) the original's own forward."""
+
+    gm: fx.GraphModule | None
+    report: Report
+    watched: tuple[nn.Module, ...] = ()  # rewritten modules: a hook added to one invalidates the graph
+    compiled: Callable | None = None
+
+    def stale(self) -> bool:
+        return any(own_hooks(m) for m in self.watched)
+
+
+def describe(args) -> str:
+    """A short human-readable form of the tensor arguments' shapes and dtypes."""
+    return ", ".join(f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args if isinstance(a, torch.Tensor))
+
+
+class Specializer:
+    """Builds specialisations of ``original`` (whose forward has ``signature``; ``inlined``:
+    the modules whose forward fx traces through). It keeps the graphs traced per pattern of
+    None/bool arguments, the reasons already warned about and the dynamo route."""
+
+    def __init__(self, original: nn.Module, options: Options, signature: inspect.Signature,
+                 inlined: tuple[nn.Module, ...]):
+        self.original, self.options, self.signature, self.inlined = original, options, signature, inlined
+        self.traces: dict = {}  # concrete (None/bool) arguments and training flags -> graph or error
+        self.warned: set = set()
+        self.dynamo: DynamoRoute | None = None  # made at the first signature fx cannot capture
+
+    def build(self, flat: tuple):
+        """Capture (once per pattern of None/bool arguments), annotate by running the graph
+        once on these inputs (its output is this call's), and rewrite."""
+        signature = describe(flat)
+        traced = self._trace(flat)
+        if isinstance(traced, str) or hidden_sites(traced):  # dynamo sees into what fx cannot trace
+            return self.through_dynamo(*_as_call(self.signature, flat))
+        try:
+            gm = _sharing_graph_module(traced, self.original)
+            output = annotate(gm, flat)
+            fold_sizes(gm)
+        except Exception as e:  # the original reports the user's own error, if it is one
+            return self._fallen_back(signature, "the captured graph failed on these inputs", e), NOT_RUN
+        why = opaque_root(traced)
+        try:
+            report = self._rewritten(gm, flat, Report((), signature, f"not traced: {why}" if why else ""))
+        except Exception as e:  # a failure of the pass never reaches the user: this call's output stands
+            return self._fallen_back(signature, "rewriting failed", e), output
+        if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
+            if why and why not in self.warned:
+                self.warned.add(why)
+                warn_user(f"convrewrite: {type(self.original).__name__} runs unchanged: {why}")
+            return Specialization(None, report), output
+        watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
+        return Specialization(gm, report, watched), output
+
+    def _rewritten(self, gm: fx.GraphModule, flat: tuple, head: Report) -> Report:
+        """Rewrite ``gm`` and check it; in a job of several processes, only rank 0 decides
+        (see :mod:`convrewrite.distributed`) and the others take its decisions. ``head``
+        carries the signature and the note."""
+        if not distributed.coordinated():
+            return self._decided_here(gm, flat, head)
+        if distributed.deciding():
+            try:
+                report = self._decided_here(gm, flat, head)
+            except BaseException:
+                distributed.share(None)  # the other ranks must not wait for a decision that will not come
+                raise
+            distributed.share(report)
+            return report
+        try:
+            decided = distributed.share(None)
+        except Exception as e:
+            raise RuntimeError(f"rank {distributed.DECIDING_RANK}'s decision did not arrive (the process group's "
+                               f"timeout bounds the wait): {e}") from e
+        if decided is None:
+            return head.noted(f"rank {distributed.DECIDING_RANK} could not decide: the original runs on every rank")
+        sites = rewrite(gm, self.options, decided=decided).sites
+        return dataclasses.replace(head, sites=sites).noted(f"forms as decided by rank {distributed.DECIDING_RANK}")
+
+    def _decided_here(self, gm: fx.GraphModule, flat: tuple, head: Report) -> Report:
+        report = dataclasses.replace(head, sites=rewrite(gm, self.options).sites)
+        if report.rewritten and self.options.check:
+            report = self._checked(report, gm, flat)
+        return report
+
+    def through_dynamo(self, args: tuple, kwargs: dict):
+        """Capture through dynamo (see :mod:`convrewrite.dynamo_route`), running this call."""
+        signature = describe((*args, *kwargs.values()))
+        if self.dynamo is None:
+            self.dynamo = DynamoRoute(self.original, self.options)
+        try:
+            compiled, report, output = self.dynamo.specialize(args, kwargs, signature)
+        except Exception as e:  # the original reports the user's own error, if it is one
+            return self._fallen_back(signature, "capture through dynamo failed", e), NOT_RUN
+        return Specialization(None, report, compiled=compiled if report.rewritten else None), output
+
+    def _fallen_back(self, signature: str, what: str, error: Exception) -> Specialization:
+        """The original, for these inputs, with one warning naming the real reason."""
+        why = f"{what} ({type(error).__name__}: {error})"
+        warn_user(f"convrewrite: {why}; these inputs run through the original module "
+                  f"({type(self.original).__name__})")
+        return Specialization(None, Report(signature=signature, note=f"not rewritten: {why}"))
+
+    def _checked(self, report: Report, gm: fx.GraphModule, flat: tuple) -> Report:
+        """``report``, or its sites back on their originals if the whole rewritten graph is
+        not clearly faster than the model's own forward on these inputs."""
+        if any(has_hooks(m) for m in self.original.modules()):  # timing would run them again and again
+            return report.noted("whole graph not checked: the model has hooks")
+        times = whole_graph_times(_positional(self.original.forward, self.signature), gm.forward,
+                                  self.original, flat)
+        if len(times) < 2:
+            return report.kept_original("kept original: the whole-graph check could not run both graphs")
+        old, new = times[ORIGINAL], times[REWRITTEN]
+        load = " (under load from other processes)" if times.contended else ""
+        line = f"whole model, warm, on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms as written{load}"
+        if not rewrite_wins(times):
+            return report.kept_original(f"kept original: the rewritten graph ran {new / old:.2f}x the time").noted(line)
+        return report.noted(line)
+
+    def _trace(self, flat: tuple) -> fx.GraphModule | str:
+        """The captured graph for this pattern of None/bool arguments and training flags, or
+        why fx could not capture it."""
+        names = list(self.signature.parameters)
+        concrete = {n: v for n, v in zip(names, flat) if v is None or isinstance(v, bool)}
+        key = (tuple(concrete.items()), tuple(m.training for m in self.inlined))
+        traces = self.traces
+        if key not in traces:
+            try:
+                traces[key] = capture(self.original, concrete)
+            except CaptureError as e:  # dynamo captures it instead, and warns if it cannot
+                traces[key] = str(e)
+        return traces[key]
+
+
+def _sharing_graph_module(traced: fx.GraphModule, original: nn.Module) -> fx.GraphModule:
+    """A fresh GraphModule over a copy of ``traced``'s graph whose parameters, buffers and
+    submodules are the original's own dicts (submodules it adds stay its own)."""
+    gm = fx.GraphModule(traced, copy.deepcopy(traced.graph))
+    own = {ROOT: original} if opaque_root(traced) else {}
+    gm.__dict__.update(_parameters=original._parameters, _buffers=original._buffers,
+                       _modules=collections.ChainMap(own, original._modules))
+    return gm
+
+
+def _positional(forward, signature: inspect.Signature):
+    """``forward`` called with the arguments in its parameter order, as the graphs take them
+    (keyword-only parameters passed by name)."""
+    if all(p.kind != p.KEYWORD_ONLY for p in signature.parameters.values()):
+        return forward
+    return lambda *flat: (lambda args, kwargs: forward(*args, **kwargs))(*_as_call(signature, flat))
+
+
+def _as_call(signature: inspect.Signature, flat: tuple) -> tuple[tuple, dict]:
+    """Forward's arguments in parameter order as a call passes them: positional, and
+    keyword-only ones by name."""
+    params = list(signature.parameters.values())
+    n = sum(p.kind != p.KEYWORD_ONLY for p in params)
+    return flat[:n], {p.name: v for p, v in zip(params[n:], flat[n:])}
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
