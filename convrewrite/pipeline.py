@@ -14,7 +14,7 @@ import os
 import torch.fx as fx
 
 from . import progress
-from .decide import AS_WRITTEN, NONE, against_source, choose
+from .decide import AS_WRITTEN, NONE, Choice, against_source, choose, source_seconds
 from .emit import emit, verify
 from .forms import get_form
 from .options import Options
@@ -38,17 +38,21 @@ def _loaded(device: str, user_path: str, table_path: str | None) -> CostTable:
     return load_table(device, table_path)
 
 
-def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Report:
+def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager", decided: Report | None = None) -> Report:
     """Rewrite every site of ``gm`` whose best form beats its original by ``options.margin``
-    when the graph is run by ``executor`` ("eager", or "inductor" for the dynamo backend)."""
+    when the graph is run by ``executor`` ("eager", or "inductor" for the dynamo backend).
+    With ``decided`` (another process's report of the same graph), each site takes the form
+    chosen there, and nothing is timed here."""
     rows, replaced, choices = [], {}, {}
+    taken = None if decided is None else {(s.key, s.original): _as_choice(s) for s in decided if s.key}
     with progress.bar(desc="convrewrite: choosing forms", unit="site", delay=PROGRESS_AFTER_S,
                       enabled=options.progress) as bar:
         for rule in rules():
             sites = list(rule(gm))  # each rule sees the graph the rules before it left
             bar.total = (bar.total or 0) + len(sites)
             for site in sites:
-                rows.append(_decided(gm, site, f"convrewrite_site{len(rows)}", options, executor, replaced, choices))
+                rows.append(_decided(gm, site, f"convrewrite_site{len(rows)}", options, executor, replaced,
+                                     choices, taken))
                 bar.update()
     gm.graph.lint()
     gm.recompile()
@@ -57,7 +61,7 @@ def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager") -> Re
 
 
 def _decided(gm: fx.GraphModule, site: Site, name: str, options: Options, executor: str, replaced: dict,
-             choices: dict) -> SiteReport:
+             choices: dict, taken: dict | None) -> SiteReport:
     """The report of ``site``, rewritten in ``gm`` if a form wins."""
     if site.spec is None:
         return SiteReport(site.path, site.pattern, "-", AS_WRITTEN, AS_WRITTEN, site.source_seconds, None, NONE,
@@ -67,9 +71,9 @@ def _decided(gm: fx.GraphModule, site: Site, name: str, options: Options, execut
                           NONE, "meta tensors: nothing to time or verify", kind=site.spec.kind)
     # a lifted loop becomes one conv op, which inductor runs as an extern kernel: its
     # forms are timed eagerly, as the code they replace was
-    run_by = "eager" if site.source_seconds is not None else executor
+    run_by = "eager" if site.from_code else executor
     site = dataclasses.replace(_follow(site, replaced), spec=dataclasses.replace(site.spec, executor=run_by))
-    return _rewrite_site(gm, site, name, options, replaced, choices)
+    return _rewrite_site(gm, site, name, options, replaced, _choice(site, options, choices, taken))
 
 
 def _follow(site: Site, replaced: dict) -> Site:
@@ -79,13 +83,7 @@ def _follow(site: Site, replaced: dict) -> Site:
 
 
 def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, replaced: dict,
-                  choices: dict) -> SiteReport:
-    key = (site.spec.key(), site.original)
-    if key not in choices:  # repeated layers share one decision
-        choices[key] = choose(site.spec, site.original, table_for(site.spec.device, options), options)
-    choice = choices[key]
-    if site.source_seconds is not None:
-        choice = against_source(choice, site.source_seconds, options.margin)
+                  choice: Choice) -> SiteReport:
     chosen, note = choice.form, "no figures for this spec" if choice.source == NONE else ""
     if choice.rewritten:
         note = site.note
@@ -98,3 +96,21 @@ def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, r
     return SiteReport(site.path, site.pattern, site.spec.describe(), choice.original, chosen,
                       choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key(),
                       dict(choice.times), site.spec.kind)
+
+
+def _choice(site: Site, options: Options, choices: dict, taken: dict | None) -> Choice:
+    """The site's decision: one per spec and original (repeated layers share it), weighed
+    against the code's own time where the source is code; or, with ``taken`` (another
+    process's decisions, keyed by spec key and the original it reported), the one taken there."""
+    if taken is not None:
+        original = AS_WRITTEN if site.from_code else site.original
+        return taken.get((site.spec.key(), original)) or Choice(original, original, {}, NONE)
+    key = (site.spec.key(), site.original)
+    if key not in choices:
+        choices[key] = choose(site.spec, site.original, table_for(site.spec.device, options), options)
+    return against_source(choices[key], source_seconds(site), options.margin) if site.from_code else choices[key]
+
+
+def _as_choice(row: SiteReport) -> Choice:
+    """The decision another process reported for a site."""
+    return Choice(row.chosen, row.original, dict(row.times), row.source)

@@ -1,0 +1,88 @@
+"""One decision per job: two processes over gloo decide once (rank 0) and run the same forms;
+rank 0 failing to decide sends every rank back to the original, without a hang."""
+
+import datetime
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import convrewrite
+from convrewrite import check, decide, distributed, specialize
+from convrewrite.measure import Timings
+
+FORMS = ("matmul", "linear")  # rank 0 would pick the first, rank 1 the second, if each decided alone
+
+
+def _worker(rank, world, port, fail_on_rank0, cache, queue, timeout_s=60.0, late_s=0.0):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CONVREWRITE_CACHE_DIR=f"{cache}/{rank}")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    measured = []
+
+    def clock(spec, forms, **_):  # no real timing in tests: each rank's figures favour another form
+        measured.append(spec.key())
+        times = {f.name: 1e-3 if f.name == FORMS[rank] else 2e-3 for f in forms}
+        return Timings(times, dict.fromkeys(times, 0.01), 0.0, 15)
+
+    decide.time_forms = clock
+    check.time_callables = lambda fns, **_: Timings({n: 2e-3 if n == "original" else 1e-3 for n in fns})
+    if fail_on_rank0 and rank == 0:
+        specialize.rewrite = lambda *a, **k: (_ for _ in ()).throw(KeyError("a bug of the pass"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    opt = convrewrite.optimize(model, measure=True, forms=FORMS)
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    if rank == 0:
+        time.sleep(late_s)  # a deciding rank that answers after the process group's timeout
+    with torch.no_grad():
+        out, expected = opt(x), model(x)
+    queue.put((rank, [s.chosen for s in opt.report], len(measured), opt.report.note, torch.equal(out, expected)
+               or bool(torch.allclose(out, expected, atol=1e-5))))
+    dist.destroy_process_group()
+
+
+def _run(fail_on_rank0, tmp_path, *extra):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, fail_on_rank0, str(tmp_path), queue, *extra)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r[0], r[1:]) for r in (queue.get(timeout=240) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def test_rank0_decides_and_every_rank_runs_its_forms(tmp_path):
+    results = _run(False, tmp_path)
+    (forms0, measured0, _, same0), (forms1, measured1, note1, same1) = results[0], results[1]
+    assert forms0 == forms1 == ["matmul", "matmul"]  # alone, rank 1 would have chosen linear
+    assert measured0 == 2 and measured1 == 0  # only the deciding rank timed anything
+    assert "decided by rank 0" in note1 and same0 and same1
+
+
+def test_rank0_failing_to_decide_sends_every_rank_to_the_original(tmp_path):
+    results = _run(True, tmp_path)
+    (forms0, _, note0, same0), (forms1, measured1, note1, same1) = results[0], results[1]
+    assert forms0 == [] and "rewriting failed" in note0
+    assert forms1 == [] and "rank 0 could not decide" in note1 and measured1 == 0
+    assert same0 and same1
+
+
+def test_a_rank_waits_no_longer_than_the_process_groups_timeout(tmp_path):
+    results = _run(False, tmp_path, 3.0, 8.0)
+    _, measured1, note1, same1 = results[1]
+    assert "decision did not arrive" in note1 and "timeout" in note1 and measured1 == 0 and same1
+    assert results[0][3]  # rank 0, answering late, still computes the model's output
+
+
+def test_a_single_process_decides_alone():
+    assert not distributed.coordinated()
