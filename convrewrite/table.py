@@ -136,12 +136,18 @@ class CostTable:
             return self
         if disk.fingerprint != self.fingerprint:
             return self
-        merged = CostTable(self.fingerprint, {k: dict(v) for k, v in disk.entries.items()},
-                           {**disk.form_hashes, **self.form_hashes}, self.profiled or disk.profiled,
-                           meta=dict(disk.meta))
+        return disk.merged_with(self)
+
+    def merged_with(self, newer: "CostTable") -> "CostTable":
+        """A new table, under this one's fingerprint: this table's entries, less the figures of
+        forms edited since they were measured, with ``newer``'s entries added (they win where
+        both hold a key)."""
+        merged = CostTable(self.fingerprint, {k: dict(v) for k, v in self.entries.items()},
+                           {**self.form_hashes, **newer.form_hashes}, newer.profiled or self.profiled,
+                           meta=dict(self.meta))
         merged._drop_stale_forms()
-        for key, times in self.entries.items():
-            merged.add(key, times, {}, self.meta.get(key))
+        for key, times in newer.entries.items():
+            merged.add(key, times, {}, newer.meta.get(key))
         return merged
 
     # -- content ----------------------------------------------------------------------------

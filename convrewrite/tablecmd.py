@@ -1,4 +1,4 @@
-"""``python -m convrewrite.table``: see, check, prune, reset, export and import this machine's cost table.
+"""``python -m convrewrite.table``: see, check, prune, reset, export and import this machine's cost table, and merge tables.
 
     python -m convrewrite.table show              # entries, winners, how and when measured, flags
     python -m convrewrite.table check --sample 20 # re-time a sample; did levels or rankings move? (--update)
@@ -6,10 +6,14 @@
     python -m convrewrite.table reset             # delete this machine's table
     python -m convrewrite.table export FILE       # copy it, e.g. to ship to identical machines
     python -m convrewrite.table import FILE       # merge a table made on a machine like this one
+    python -m convrewrite.table merge OUT FILE... # merge tables of identical machines into OUT
 
 The table is the user cache dir's file for this machine's fingerprint (see
 :mod:`convrewrite.table`); ``import`` refuses a file whose fingerprint differs (another CPU,
 thread count or torch version: its figures would not hold here) unless ``--force``.
+``merge`` reads no table of this machine: it writes the entries of the FILEs to OUT (replacing
+OUT; name OUT among the FILEs to keep what it holds), later FILEs winning where two hold the
+same spec, and refuses a FILE whose fingerprint differs from the first FILE's unless ``--force``.
 """
 
 from __future__ import annotations
@@ -117,6 +121,23 @@ def import_table(source: Path, path: Path, force: bool) -> str:
     return f"{len(table.entries)} entries merged into {path}"
 
 
+def merge(out: Path, sources: list[Path], force: bool) -> str:
+    """Write the tables at ``sources`` merged to ``out`` (atomically, replacing it): later files
+    win where two hold the same key; each must carry the first one's fingerprint unless
+    ``force``. Every file is read before anything is written, so a bad one leaves ``out`` as it was."""
+    tables = [_read(source) for source in sources]
+    merged = tables[0]
+    for source, table in zip(sources[1:], tables[1:]):
+        if table.fingerprint != merged.fingerprint and not force:
+            sys.exit(f"convrewrite.table: {source} was made on {table.fingerprint}, but {sources[0]} on "
+                     f"{merged.fingerprint}; their figures do not describe the same machine (--force merges it "
+                     "anyway, under the first file's fingerprint)")
+        merged = merged.merged_with(table)
+    if not merged.write(out, merge=False):
+        sys.exit(f"convrewrite.table: could not write {out}")
+    return f"{len(merged.entries)} entries from {len(sources)} file(s) written to {out}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convrewrite.table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,6 +155,14 @@ def main(argv=None) -> int:
     import_args = commands.add_parser("import", help="merge FILE (made on a machine like this) into this machine's table")
     import_args.add_argument("file", type=Path)
     import_args.add_argument("--force", action="store_true", help="import a table made on another fingerprint")
+    merge_args = commands.add_parser(
+        "merge", help="merge table FILEs of identical machines into OUT (later FILEs win on the same spec)",
+        description="Merge table FILEs (e.g. exported from identical machines) into OUT, replacing OUT. Where two "
+                    "FILEs hold figures of the same spec, the later FILE's win. Every FILE must carry the first "
+                    "FILE's device fingerprint unless --force.")
+    merge_args.add_argument("out", type=Path, metavar="OUT")
+    merge_args.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    merge_args.add_argument("--force", action="store_true", help="merge FILEs made on another fingerprint too")
     args = parser.parse_args(argv)
     try:
         available = device_type(args.device).available()
@@ -144,6 +173,9 @@ def main(argv=None) -> int:
     path = user_table_path(args.device)
     if args.command == "import":
         print(import_table(args.file, path, args.force))
+        return 0
+    if args.command == "merge":
+        print(merge(args.out, args.files, args.force))
         return 0
     if not path.exists():
         print(f"no table for this machine yet ({path}): optimize() and `python -m convrewrite.profile` make one")

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from convrewrite import profile
-from convrewrite.table import CostTable, user_table_path
+from convrewrite.kinds.channel_mix import ChannelMixSpec
+from convrewrite.table import CostTable, fingerprint, user_table_path
 
 
 def test_quick_profile_writes_a_table(tmp_path, capsys):
@@ -57,3 +58,12 @@ def test_specs_timed_under_load_are_left_out_and_said(tmp_path, clock, capsys):
     assert profile.main(["--quick", "--specs", "2", "--mode", "infer", "--out", str(out)]) == 0
     assert CostTable.read(out).entries == {} and clock.calls == 2 * (1 + profile.RETRIES)
     assert "2 spec(s) left out" in capsys.readouterr().out
+
+
+def test_summary_is_not_set_by_one_noisy_figure():
+    table = CostTable(fingerprint("cpu"))
+    for i in range(11):  # one bucket: baddbmm 2x faster than the conv, except one figure timed under noise (500x)
+        table.add(ChannelMixSpec(2, 8, 8 + i, (16,)).key(), {"conv": 0.5 if i == 3 else 2e-3, "baddbmm": 1e-3}, {})
+    out = profile.summary(table)
+    assert "90th percentile" in out and "500.00x" not in out
+    assert out.splitlines()[-1].split()[-2:] == ["2.00x", "2.00x"]

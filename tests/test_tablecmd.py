@@ -1,4 +1,4 @@
-"""``python -m convrewrite.table``: show, check, prune, reset, export and import, on fake tables."""
+"""``python -m convrewrite.table``: show, check, prune, reset, export, import and merge, on fake tables."""
 
 import subprocess
 import sys
@@ -82,6 +82,39 @@ def test_import_refuses_another_machines_table_unless_forced(table, tmp_path):
     assert CostTable.read(table).fingerprint == fingerprint("cpu")
 
 
+def test_merge_writes_every_files_entries_and_later_files_win(fake_table, tmp_path, capsys):
+    first, second = fake_table(SPECS[:8], "baddbmm"), fake_table(SPECS[4:], "addmm")
+    out = tmp_path / "fleet.json"
+    assert tablecmd.main(["merge", str(out), str(first), str(second)]) == 0
+    assert "12 entries from 2 file(s)" in capsys.readouterr().out
+    merged = CostTable.read(out)
+    assert merged.entries.keys() == {s.key() for s in SPECS} and merged.fingerprint == fingerprint("cpu")
+    fastest = {key: min(times, key=times.get) for key, times in merged.entries.items()}
+    assert [fastest[s.key()] for s in SPECS] == ["baddbmm"] * 4 + ["addmm"] * 8
+
+
+def test_merge_refuses_a_file_of_another_fingerprint_unless_forced(fake_table, tmp_path):
+    first, foreign = fake_table(SPECS[:6], "baddbmm"), tmp_path / "foreign.json"
+    table = CostTable.read(fake_table(SPECS[6:], "baddbmm"))
+    table.fingerprint = {**fingerprint("cpu"), "threads": fingerprint("cpu")["threads"] + 7}
+    table.write(foreign)
+    out = tmp_path / "fleet.json"
+    with pytest.raises(SystemExit, match=f"{foreign} was made on .*'threads': {table.fingerprint['threads']}.*but {first} on"):
+        tablecmd.main(["merge", str(out), str(first), str(foreign)])
+    assert not out.exists()
+    assert tablecmd.main(["merge", "--force", str(out), str(first), str(foreign)]) == 0
+    merged = CostTable.read(out)
+    assert len(merged.entries) == 12 and merged.fingerprint == fingerprint("cpu")
+
+
+def test_merge_of_a_corrupt_file_is_a_clear_error_and_writes_nothing(fake_table, tmp_path):
+    corrupt, out = tmp_path / "corrupt.json", tmp_path / "fleet.json"
+    corrupt.write_text('{"version": 4, "entries": {"channel_mix|')
+    with pytest.raises(SystemExit, match=f"cannot read cost table {corrupt}"):
+        tablecmd.main(["merge", str(out), str(fake_table(SPECS, "baddbmm")), str(corrupt)])
+    assert not out.exists()
+
+
 def test_no_table_yet_says_how_to_make_one(capsys):
     assert tablecmd.main(["show"]) == 0
     assert "no table for this machine yet" in capsys.readouterr().out
@@ -90,5 +123,5 @@ def test_no_table_yet_says_how_to_make_one(capsys):
 def test_runs_as_python_dash_m_convrewrite_table():
     out = subprocess.run([sys.executable, "-m", "convrewrite.table", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for command in ("show", "check", "prune", "reset", "export", "import"):
+    for command in ("show", "check", "prune", "reset", "export", "import", "merge"):
         assert command in out
