@@ -12,9 +12,15 @@ from tqdm import tqdm
 QUIET_ENV = "CONVREWRITE_PROGRESS"
 
 
+class _Bar(tqdm):
+    # no monitor thread: a daemon thread still running at interpreter exit can crash the
+    # process during torch's teardown (seen as a segfault after pytest's summary)
+    monitor_interval = 0
+
+
 def bar(total: int | None = None, desc: str = "", unit: str = "it", delay: float = 0.0,
         enabled: bool = True) -> tqdm:
     """A tqdm bar (with rate and ETA) on stderr that appears after ``delay`` seconds."""
     off = not enabled or os.environ.get(QUIET_ENV, "1") == "0"
-    return tqdm(total=total, desc=desc, unit=unit, delay=delay, file=sys.stderr, disable=True if off else None,
+    return _Bar(total=total, desc=desc, unit=unit, delay=delay, file=sys.stderr, disable=True if off else None,
                 dynamic_ncols=True)

@@ -72,8 +72,21 @@ def cases(draw):
                            "act": nn.GELU}[kind]())
         c = out
     dtype, tol = DTYPES[draw(st.sampled_from(list(DTYPES)))]
+    if dtype == torch.bfloat16:
+        # normalising 2-6 values in bfloat16 divides by the spread of nearly equal numbers,
+        # where two valid roundings of the layer before differ wholly; a larger eps bounds that
+        # gain, so what is compared is the rewrite and not the conditioning
+        for m in layers:
+            for norm in m.modules():
+                if isinstance(norm, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+                    norm.eps = 0.1
     x = torch.randn(draw(st.sampled_from([0, 1, 2, 3])), c0, *(draw(st.sampled_from([1, 5, 8])),) * nd, dtype=dtype)
     layout = draw(st.sampled_from(["contiguous", "channels_last", "transposed"]))
+    if any(max(getattr(m, "stride", (1,))) > 1 for m in layers):
+        # torch's own channels-last 1x1 conv backward with stride 2 segfaults on CPU now and
+        # then (oneDNN, torch 2.13: the unoptimized model crashes alone), so such models get
+        # plain inputs
+        layout = "contiguous"
     if layout == "channels_last" and nd == 2:
         x = x.to(memory_format=torch.channels_last)
     elif layout == "transposed":

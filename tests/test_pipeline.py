@@ -70,11 +70,3 @@ def test_choosing_forms_counts_every_site_on_a_progress_bar(fake_table, monkeypa
     ((kwargs, bar),) = bars
     assert bar.total == 3 and bar.n == (3 if shown else 0)  # a disabled bar counts nothing
     assert kwargs["enabled"] is shown and kwargs["delay"] == pipeline.PROGRESS_AFTER_S
-
-
-def test_progress_bars_are_off_when_asked(monkeypatch):
-    as_terminal(monkeypatch)
-    assert not progress.bar(total=1).disable
-    assert progress.bar(total=1, enabled=False).disable
-    monkeypatch.setenv(progress.QUIET_ENV, "0")
-    assert progress.bar(total=1).disable

@@ -50,14 +50,17 @@ def _mix_matmul(y, w, b):
 
 
 def _layer_norm_dim1(y, w, b, eps):
-    mean = y.mean(1, keepdim=True)
-    var = y.var(1, unbiased=False, keepdim=True)
-    out = (y - mean) * torch.rsqrt(var + eps)
+    # in float32 for half-precision inputs, as F.layer_norm computes: statistics of a few
+    # channels in bfloat16 would round far more than the op it replaces
+    x = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+    mean = x.mean(1, keepdim=True)
+    var = x.var(1, unbiased=False, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
     if w is not None:
-        out = out * _along_dim1(w, y)
+        out = out * _along_dim1(w, x)
     if b is not None:
-        out = out + _along_dim1(b, y)
-    return out
+        out = out + _along_dim1(b, x)
+    return out.to(y.dtype)
 
 
 def _along_dim1(p, y):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from convrewrite.forms import forms_for
 from convrewrite.kinds.layout_chain import ChainSpec
@@ -56,3 +57,12 @@ def test_key_distinguishes_chains():
     b = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, True),))
     c = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, False),), grad=True)
     assert len({a.key(), b.key(), c.key()}) == 3
+
+
+def test_layer_norm_over_dim1_is_as_accurate_as_layer_norm_in_bfloat16():
+    spec = ChainSpec((2, 4, 8, 8), "first", (("ln", 4, 1e-5, True, True),), dtype="bfloat16")
+    x, w, b = spec.example_inputs(torch.Generator().manual_seed(0))
+    x = x * 0.01 + 1.0  # nearly equal channels: statistics taken in bfloat16 would cancel
+    exact = F.layer_norm(x.double().movedim(1, -1), (4,), w.double(), b.double(), 1e-5).movedim(-1, 1)
+    errors = {f.name: (f(x, w, b, spec=spec).double() - exact).abs().max().item() for f in forms_for(spec)}
+    assert errors["channels_first_conv"] <= 2 * errors["as_written"] + 1e-3, errors
