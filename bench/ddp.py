@@ -76,7 +76,7 @@ def run(name: str, coordinated: bool) -> dict:
             "rewritten": f"{n0}, {n1}", "agree": forms0 == forms1}
 
 
-def section(rows: list[dict]) -> str:
+def section(rows: list[dict], command: str) -> str:
     fp = fingerprint("cpu")
     table = tabulate([(r["model"], r["how"], f"{r['first0']:.1f}", f"{r['first1']:.1f}", r["rewritten"],
                        "yes" if r["agree"] else "no") for r in rows],
@@ -85,7 +85,7 @@ def section(rows: list[dict]) -> str:
     return "\n".join([MARKS[0], "## First calls under 2-process DDP (issue 20)", "",
                       f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
                       f"- machine: {fp['model']} ({fp['isa']}), torch {torch.__version__}, 1 thread per rank",
-                      "- command: `python bench/ddp.py`", "",
+                      f"- command: `{command}`", "",
                       "Each rank: a fresh cache dir, `measure=True`, one training step's first call (forward and "
                       "backward). coordinated: a gloo process group, rank 0 decides for both; alone: no process "
                       "group, both ranks measure at once.", "", table, "", MARKS[1]])
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         for coordinated in (False, True):
             rows.append(run(name, coordinated))
             print(rows[-1], file=sys.stderr)
-    text = section(rows)
+    text = section(rows, " ".join(["python bench/ddp.py", *(argv if argv is not None else sys.argv[1:])]))
     print(text)
     replace_section(text, MARKS)
     return 0
