@@ -4,7 +4,8 @@ Data-parallel training runs the same model in every process. Left alone, each pr
 time the candidates at its first call (all at once, on shared cores: the contention that
 makes figures wrong) and could choose differently (replicas running different code, with
 numerics that differ in the last bits). When a process group with more than one rank is
-initialised, rank 0 builds each specialisation as usual (measuring, checking) and
+initialised and the model trains (grad enabled, training mode: evaluation is often run on
+one rank alone, and decides per rank), rank 0 builds each specialisation as usual (measuring, checking) and
 broadcasts its report; the other ranks wait for it, time nothing, and run the forms it
 chose. If rank 0 fails to decide, every rank runs the original; if it never answers, the
 broadcast gives up at the process group's timeout and the rank runs the original, saying so.

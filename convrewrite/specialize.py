@@ -90,10 +90,12 @@ class Specializer:
         return Specialization(gm, report, watched), output
 
     def _rewritten(self, gm: fx.GraphModule, flat: tuple, head: Report) -> Report:
-        """Rewrite ``gm`` and check it; in a job of several processes, only rank 0 decides
-        (see :mod:`convrewrite.distributed`) and the others take its decisions. ``head``
-        carries the signature and the note."""
-        if not distributed.coordinated():
+        """Rewrite ``gm`` and check it; in a job of several processes training (grad enabled,
+        the model in training mode), only rank 0 decides (see :mod:`convrewrite.distributed`)
+        and the others take its decisions. Evaluation decides per rank: it is often run on one
+        rank alone, where waiting for the others would last the process group's timeout.
+        ``head`` carries the signature and the note."""
+        if not (distributed.coordinated() and torch.is_grad_enabled() and self.original.training):
             return self._decided_here(gm, flat, head)
         if distributed.deciding():
             try:

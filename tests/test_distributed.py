@@ -38,8 +38,7 @@ def _worker(rank, world, port, fail_on_rank0, cache, queue, timeout_s=60.0, late
     x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))
     if rank == 0:
         time.sleep(late_s)  # a deciding rank that answers after the process group's timeout
-    with torch.no_grad():
-        out, expected = opt(x), model(x)
+    out, expected = opt(x), model(x)  # a training step's forward: grad enabled, training mode
     queue.put((rank, [s.chosen for s in opt.report], len(measured), opt.report.note, torch.equal(out, expected)
                or bool(torch.allclose(out, expected, atol=1e-5))))
     dist.destroy_process_group()
@@ -82,6 +81,34 @@ def test_a_rank_waits_no_longer_than_the_process_groups_timeout(tmp_path):
     _, measured1, note1, same1 = results[1]
     assert "decision did not arrive" in note1 and "timeout" in note1 and measured1 == 0 and same1
     assert results[0][3]  # rank 0, answering late, still computes the model's output
+
+
+def _evaluating_alone(rank, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))
+    if rank == 0:  # evaluation on rank 0 only, as training scripts often do
+        decide.time_forms = lambda spec, forms, **_: Timings({f.name: 1e-3 for f in forms})
+        model = nn.Sequential(nn.Conv2d(4, 8, 1)).eval()
+        with torch.no_grad():
+            convrewrite.optimize(model, measure=True)(torch.randn(2, 4, 5, 5))
+        queue.put("evaluated")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_evaluation_on_one_rank_does_not_wait_for_the_others():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_evaluating_alone, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    assert queue.get(timeout=200) == "evaluated"  # waiting for rank 1 would last the 300 s timeout
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
 
 
 def test_a_single_process_decides_alone():
