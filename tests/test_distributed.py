@@ -18,9 +18,9 @@ from convrewrite.measure import Timings
 FORMS = ("matmul", "linear")  # rank 0 would pick the first, rank 1 the second, if each decided alone
 
 
-def _worker(rank, world, port, fail_on_rank0, cache, queue, timeout_s=60.0, late_s=0.0):
+def _worker(rank, port, fail_on_rank0, cache, timeout_s, late_s, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CONVREWRITE_CACHE_DIR=f"{cache}/{rank}")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=timeout_s))
     measured = []
 
     def clock(spec, forms, **_):  # no real timing in tests: each rank's figures favour another form
@@ -44,20 +44,27 @@ def _worker(rank, world, port, fail_on_rank0, cache, queue, timeout_s=60.0, late
     dist.destroy_process_group()
 
 
-def _run(fail_on_rank0, tmp_path, *extra):
+def _on_two_ranks(target, *args, results=2) -> list:
+    """Run ``target(rank, port, *args, queue)`` in two spawned processes; the first
+    ``results`` items they put on the queue, once both exited cleanly."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, fail_on_rank0, str(tmp_path), queue, *extra)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r[0], r[1:]) for r in (queue.get(timeout=240) for _ in procs))
+    items = [queue.get(timeout=240) for _ in range(results)]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    return results
+    return items
+
+
+def _run(fail_on_rank0, tmp_path, timeout_s=60.0, late_s=0.0):
+    items = _on_two_ranks(_worker, fail_on_rank0, str(tmp_path), timeout_s, late_s)
+    return {rank: rest for rank, *rest in items}
 
 
 def test_rank0_decides_and_every_rank_runs_its_forms(tmp_path):
@@ -97,18 +104,8 @@ def _evaluating_alone(rank, port, queue):
 
 
 def test_evaluation_on_one_rank_does_not_wait_for_the_others():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_evaluating_alone, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    assert queue.get(timeout=200) == "evaluated"  # waiting for rank 1 would last the 300 s timeout
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    # waiting for rank 1 would last the 300 s timeout; the queue gives up at 240 s
+    assert _on_two_ranks(_evaluating_alone, results=1) == ["evaluated"]
 
 
 def test_a_single_process_decides_alone():
