@@ -454,7 +454,7 @@ def _kept_sections() -> str:
     """RESULTS.md's sections that other bench scripts write (``<!-- bench:NAME -->`` to
     ``<!-- /bench:NAME -->``: bench/figures.py's, bench/models.py's), kept as they are."""
     old = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
-    return "".join("\n" + m.group(0) + "\n" for m in re.finditer(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", old, re.S))
+    return "".join("\n" + m.group(0) + "\n" for m in re.finditer(r"<!-- bench:([\w:+]+) -->.*?<!-- /bench:\1 -->", old, re.S))
 
 
 def headline(data: dict, command: str) -> str:

@@ -12,6 +12,7 @@ form, chosen from a per-device cost table of measured figures, where verified eq
 
     model = convrewrite.optimize(model)              # per input signature; fx, or dynamo where fx cannot
     torch.compile(model, backend="convrewrite")      # the same pass under dynamo, then inductor
+    ep, report = convrewrite.rewrite_exported(ep)    # the pass on a torch.export program (AOTInductor)
     print(convrewrite.explain(model, x))             # what was chosen at each site, and why
     python -m convrewrite.profile                    # rebuild this machine's cost table
     python -m convrewrite.table show                 # see, check, prune or reset it
@@ -29,7 +30,7 @@ _EXPORTS = {
     "optimize": "api", "explain": "api", "Options": "options", "Report": "report",
     "register_form": "forms", "unregister_form": "forms", "register_kind": "kinds",
     "ChannelMixSpec": "kinds.channel_mix", "ChainSpec": "kinds.layout_chain", "ConvSpec": "kinds.conv",
-    "ConvRewriteModule": "module", "load_table": "table",
+    "ConvRewriteModule": "module", "load_table": "table", "rewrite_exported": "export",
 }
 __all__ = sorted(_EXPORTS)
 

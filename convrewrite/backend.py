@@ -8,17 +8,27 @@ compiles the result. Sites with symbolic sizes are left alone, so the pass adds 
 
 Each site's choice comes from figures of the site alone, and inductor fuses across sites, so
 with ``check`` (the default) the graph as dynamo gave it is compiled too (and, for inductor,
-once more with ``conv_1x1_as_mm``), every compiled graph is timed on copies of the example
+once more with ``conv_1x1_as_mm``), every compiled graph is timed on copies of a call's
 inputs (with the cache flushed between calls), and the fastest runs if it wins by the
-check's margin and by ``FRAME_S`` per call; otherwise inductor's own compile runs. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
-convolutions, the graph as dynamo gave it is not compiled: that compile is what takes
-inductor minutes.
+check's margin and by ``FRAME_S`` per call; otherwise inductor's own compile runs.
+
+Compile time: the graph the figures favour compiles at once and runs from the first call, so
+that call costs one compile, as inductor's does; the alternatives compile in a background
+thread (``options={"alternatives": "first_call"}`` compiles them before the first call
+returns), and the first call after they are ready times them and picks. :func:`settle` waits
+for them. Inductor's FX graph cache keys each compile on the graph's code, so a warm cache
+serves the rewritten graph as it does the original. Where the pass turned more than
+``UNROLLED`` ops of unrolled loops into convolutions, the graph as dynamo gave it is not
+compiled at all: that compile is what takes inductor minutes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import threading
 from typing import Callable
@@ -36,10 +46,15 @@ from .pipeline import rewrite
 
 log = logging.getLogger(__name__)
 INNER = ("inductor", "eager")
+ALTERNATIVES = ("background", "first_call")
+BACKEND_ONLY = ("inner", "alternatives")  # backend options that are not the pass's Options
 CONV_1X1_AS_MM = {"conv_1x1_as_mm": True}
 # Loops that unrolled into more ops than this are not compiled as written: inductor took
 # 17 s on a 148-op per-pixel loop and 130 s on a 1605-op one (2-core CPU).
 UNROLLED = 256
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_PENDING: set[concurrent.futures.Future] = set()
+_PENDING_LOCK = threading.Lock()
 
 
 def annotate_from_meta(gm: fx.GraphModule) -> None:
@@ -54,31 +69,36 @@ def _concrete(t: torch.Tensor) -> bool:
     return all(isinstance(v, int) for v in (*t.shape, *t.stride()))
 
 
-def parse_options(options: dict | None) -> tuple[Options, Callable | str]:
-    """Split backend options into the pass's :class:`Options` and the inner compiler."""
+def parse_options(options: dict | None) -> tuple[Options, Callable | str, bool]:
+    """Split backend options into the pass's :class:`Options`, the inner compiler and whether
+    alternatives compile in the background."""
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
-    valid = ["inner", *(f.name for f in dataclasses.fields(Options))]
+    alternatives = options.pop("alternatives", "background")
+    valid = [*BACKEND_ONLY, *(f.name for f in dataclasses.fields(Options))]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"unknown convrewrite backend option(s) {unknown}; valid options: {valid}")
     if not (callable(inner) or inner in INNER):
         raise ValueError(f"inner must be one of {INNER} or a callable (gm, example_inputs) -> callable, got {inner!r}")
-    return Options(**options), inner
+    if alternatives not in ALTERNATIVES:
+        raise ValueError(f"alternatives must be one of {ALTERNATIVES}, got {alternatives!r}")
+    return Options(**options), inner, alternatives == "background" and inner != "eager"
 
 
 def convrewrite_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """Rewrite a dynamo graph, compile it with the inner compiler, and (with ``check``) run the
     fastest of it and the graph as dynamo gave it (also with inductor's 1x1-as-mm lowering)."""
-    pass_options, inner = parse_options(options)
-    compiled = compile_graph(gm, example_inputs, pass_options, inner, mode)
+    pass_options, inner, background = parse_options(options)
+    compiled = compile_graph(gm, example_inputs, pass_options, inner, mode, background)
     return compiled.only or compiled
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inner, mode: str | None = None
-                  ) -> "FastestCompiled":
+def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inner, mode: str | None = None,
+                  background: bool = False) -> "FastestCompiled":
     """The backend's work on one dynamo graph: rewrite it, compile it and its variants with
-    ``inner``; the result runs the fastest of them and holds the report."""
+    ``inner`` (the one the figures favour now, the others now or, with ``background``, in a
+    background thread); the result runs the fastest of them and holds the report."""
     annotate_from_meta(gm)
     original = _graph_copy(gm) if pass_options.check else None
     report = rewrite(gm, pass_options, executor="inductor" if inner == "inductor" else "eager")
@@ -88,45 +108,126 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
                               "became convolutions")
         original = None
     variants = _variants(original, gm, report, inner)
-    compiled = {name: _compile(inner, graph, example_inputs, mode, patches) for name, (graph, patches) in variants.items()}
+    compile_one = functools.partial(_compile, inner, example_inputs=example_inputs, mode=mode)
     params = {id(p): p for p in (*example_inputs, *gm.parameters()) if isinstance(p, nn.Parameter) and p.requires_grad}
-    return FastestCompiled(compiled, report, list(params.values()))
+    return FastestCompiled(variants, compile_one, report, list(params.values()), background)
+
+
+def settle(timeout: float | None = None) -> bool:
+    """Wait until every alternative graph the backend is compiling in the background is
+    compiled (the next call of each compiled model then times them and picks the fastest);
+    False if ``timeout`` seconds passed first."""
+    with _PENDING_LOCK:
+        pending = list(_PENDING)
+    _, not_done = concurrent.futures.wait(pending, timeout=timeout)
+    return not not_done
 
 
 class FastestCompiled:
     """Runs the fastest of several compiled graphs of one dynamo graph, timed side by side on
-    (copies of) the first call's inputs: at run time, not inside dynamo's compile, where a
-    backward that aot_autograd compiles on first use cannot be compiled. The graph as dynamo
-    gave it runs unless another is faster by the check's margin and by ``FRAME_S`` per call.
-    ``report``: the pass's report, with the times and the choice once made; ``only``: the one
-    compiled graph, where there was nothing to choose between (it is returned to dynamo
-    itself, with no wrapper around its calls)."""
+    (copies of) a call's inputs: at run time, not inside dynamo's compile, where a backward
+    that aot_autograd compiles on first use cannot be compiled. The graph as dynamo gave it
+    runs unless another is faster by the check's margin and by ``FRAME_S`` per call.
 
-    def __init__(self, compiled: dict[str, Callable], report, params: list):
-        self.compiled, self.report, self._params = compiled, report, params
+    The graph the figures favour (rewritten if any site was, else as dynamo gave it) is
+    compiled at once and runs from the first call, so the first call costs one compile, as
+    inductor's own does. With ``background``, the others compile in a background thread and
+    the first call after they are ready times them all and picks; otherwise they compile now
+    and the first call picks. ``report``: the pass's report, with the times and the choice
+    once made; ``only``: the one compiled graph, where there is nothing to choose between (it
+    is returned to dynamo itself, with no wrapper around its calls)."""
+
+    def __init__(self, variants: dict, compile_one: Callable, report, params: list, background: bool = False):
+        self.report, self._params = report, params
+        first = REWRITTEN if REWRITTEN in variants else ORIGINAL
+        self.compiled = {first: compile_one(*variants[first])}
+        rest = {name: v for name, v in variants.items() if name != first}
         self._run = self.only = None
+        self._first = self.compiled[first]
         self._lock = threading.Lock()
-        if len(compiled) == 1:  # nothing to choose between: this graph runs
-            (name, self.only), = compiled.items()
-            self._run, self.report = self.only, report.running(name)
+        self._pending = None
+        if not rest:  # nothing to choose between: this graph runs
+            self._run = self.only = self._first
+            self.report = report.running(first)
             log.info("%s", self.report)
+        elif background:
+            self._pending = _submit(_in_callers_state(functools.partial(_compile_all, rest, compile_one)))
+        else:
+            self.compiled.update(_compile_all(rest, compile_one))
 
     def __call__(self, *args):
-        if self._run is None:
+        if self._run is None and (self._pending is None or self._pending.done()):
             with self._lock:
                 if self._run is None:
                     self._run = self.compiled[self._choose(args)]
-        return self._run(*args)
+        return (self._run or self._first)(*args)
 
     def _choose(self, args) -> str:
-        times = compiled_times(self.compiled, list(args), self._params)
-        chosen = fastest(times, slack_s=FRAME_S)
-        self.report = self.report.noted("compiled graphs on these inputs: " + ", ".join(
-            f"{name} {t * 1e3:.3f} ms" for name, t in times.items())).running(chosen)
+        if self._pending is not None:
+            self.compiled.update(self._pending.result())
+            self._pending = None
+        # one candidate left where the others failed to compile: nothing to time
+        chosen = self._fastest(args) if len(self.compiled) > 1 else next(iter(self.compiled))
+        self.report = self.report.running(chosen)
         if chosen != REWRITTEN and self.report.rewritten:
             self.report = self.report.kept_original(f"kept original: {chosen} ran faster")
         log.info("%s", self.report)
         return chosen
+
+    def _fastest(self, args) -> str:
+        times = compiled_times(self.compiled, list(args), self._params)
+        self.report = self.report.noted("compiled graphs on these inputs: " + ", ".join(
+            f"{name} {t * 1e3:.3f} ms" for name, t in times.items()))
+        return fastest(times, slack_s=FRAME_S)
+
+
+def _compile_all(variants: dict, compile_one: Callable) -> dict[str, Callable]:
+    """Each variant compiled (one that fails to compile is left out, with a warning), under
+    dynamo's compile lock: inductor's config patches are process-wide, and dynamo's own
+    compiles of other frames take the same lock."""
+    from torch._dynamo.convert_frame import compile_lock  # imports inductor: only when compiling
+    compiled = {}
+    with compile_lock:
+        for name, (graph, patches) in variants.items():
+            try:
+                compiled[name] = compile_one(graph, patches=patches)
+            except Exception as e:  # noqa: BLE001 (the graph that runs already compiled)
+                log.warning("convrewrite: the %s graph did not compile (%s: %s); it is not a candidate",
+                            name, type(e).__name__, e)
+    return compiled
+
+
+def _in_callers_state(fn: Callable) -> Callable:
+    """``fn`` to run in another thread under this thread's grad mode and autocast state
+    (thread-local, and what aot_autograd traces under)."""
+    grad = torch.is_grad_enabled()
+    autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+
+    def run():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.set_grad_enabled(grad))
+            for device, dtype in autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            return fn()
+    return run
+
+
+def _submit(fn: Callable) -> concurrent.futures.Future:
+    """Run ``fn`` on the one background compile thread (compiles queue: the machine's cores
+    are the compiler's already)."""
+    global _EXECUTOR
+    with _PENDING_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="convrewrite-compile")
+        future = _EXECUTOR.submit(fn)
+        _PENDING.add(future)
+    future.add_done_callback(_forget)
+    return future
+
+
+def _forget(future: concurrent.futures.Future) -> None:
+    with _PENDING_LOCK:
+        _PENDING.discard(future)
 
 
 def _lifted_ops(original: fx.GraphModule, rewritten: fx.GraphModule, report) -> int:
@@ -152,7 +253,8 @@ def _variants(original: fx.GraphModule | None, rewritten: fx.GraphModule, report
     return variants
 
 
-def _compile(inner, gm: fx.GraphModule, example_inputs, mode: str | None, patches: dict) -> Callable:
+
+def _compile(inner, gm: fx.GraphModule, patches: dict, *, example_inputs, mode: str | None) -> Callable:
     if inner == "eager":
         return gm.forward
     if inner == "inductor":

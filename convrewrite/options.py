@@ -23,7 +23,7 @@ class Options:
         on copies of the inputs (both warm, interleaved), and keep the original unless the
         rewrite is faster there by 5% and by more than the figures' noise.
         The backend times the compiled graphs: rewritten, as dynamo gave it and, under
-        inductor, that with ``conv_1x1_as_mm`` (compile time grows accordingly).
+        inductor, that with ``conv_1x1_as_mm``; all but the first compile in the background.
     table: path of a cost-table file to use before this machine's own and the shipped one.
     forms: if given, only these form names may be chosen (the original is always allowed).
     progress: show a progress bar on stderr when choosing forms takes more than 2 s (a
@@ -31,6 +31,10 @@ class Options:
         ``CONVREWRITE_PROGRESS=0``.
     inner (backend only, not a field): the compiler the rewritten graphs go to,
         ``"inductor"`` (default) or ``"eager"``.
+    alternatives (backend only, not a field): ``"background"`` (default) compiles the graphs
+        the check compares in a background thread while the favoured one runs (wait for them
+        with ``convrewrite.backend.settle()``); ``"first_call"`` compiles them all before the
+        first call returns.
     """
 
     margin: float = 1.1

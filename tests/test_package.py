@@ -42,3 +42,9 @@ def test_custom_form_example_times_the_new_form():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_form.py")], capture_output=True, text=True,
                          check=True, timeout=300).stdout
     assert "'einsum' was timed" in out and "  einsum " in out
+
+
+def test_export_example_compiles_the_rewritten_program_with_aotinductor():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "export_aoti.py")], capture_output=True, text=True,
+                         check=True, timeout=600).stdout
+    assert "site(s) rewritten" in out and "output matches the model's" in out

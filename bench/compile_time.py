@@ -1,0 +1,144 @@
+"""Compile time of ``torch.compile(backend="convrewrite")`` against inductor, cold and warm.
+
+    python bench/compile_time.py                       # the default models
+    python bench/compile_time.py --only hf-squeezebert
+
+Each (model, setting) runs in fresh processes: first with an empty inductor cache dir (cold),
+then again with the cache that run left (warm). Settings: inductor, inductor with
+``conv_1x1_as_mm``, and our backend. A process measures its first call (dynamo, the pass and
+compiles; inference, batch as the workload gives it), for our backend also the seconds until
+the alternatives compiled in the background are ready (:func:`convrewrite.backend.settle`),
+and then the steady time per call. Steady times come from separate processes, so they are
+less exact than bench/run.py's side-by-side ratios. Results go to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from figures import replace_section  # noqa: E402
+
+SETTINGS = ("inductor", "inductor-1x1mm", "convrewrite")
+DEFAULT = ("mobilenetv2-block", "pointnet", "seed003-unfold-matmul", "per-pixel-16", "hf-squeezebert",
+           "hf-mobilevit-small")
+MARKS = ("<!-- bench:compile -->", "<!-- /bench:compile -->")
+
+
+def build(name: str):
+    """The model and inputs of a bench workload (bench/workloads.py) or a real model (bench/models.py)."""
+    import models
+    import workloads
+    if name in models.MODELS:
+        model, x = models.build(name)
+        return model, (x,)
+    (workload,) = [w for w in workloads.WORKLOADS if w.name == name]
+    model, inputs = workload.make()
+    return model.eval(), inputs
+
+
+def compiled(model, setting: str):
+    if setting == "convrewrite":
+        return torch.compile(model, backend="convrewrite")
+    return torch.compile(model, options={"conv_1x1_as_mm": True} if setting == "inductor-1x1mm" else {})
+
+
+def child(name: str, setting: str) -> dict:
+    """One process's figures (run with the cache dirs set by :func:`run`)."""
+    from convrewrite.measure import time_callables
+    model, inputs = build(name)
+    fn = compiled(model, setting)
+    with torch.no_grad():
+        start = time.perf_counter()
+        fn(*inputs)
+        first = time.perf_counter() - start
+        settle = 0.0
+        if setting == "convrewrite":
+            from convrewrite.backend import settle as wait
+            start = time.perf_counter()
+            wait()
+            fn(*inputs)  # the call that times the compiled graphs and picks one
+            settle = time.perf_counter() - start
+        steady = time_callables({setting: lambda: fn(*inputs)}, rounds=9, block_s=0.01)[setting]
+    return {"first_s": first, "settle_s": settle, "steady_ms": steady * 1e3}
+
+
+def run(name: str, setting: str, cache: Path) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "CONVREWRITE_CACHE_DIR": str(cache / "ours"),
+           "CONVREWRITE_PROGRESS": "0"}
+    out = subprocess.run([sys.executable, __file__, "--child", name, setting], env=env, capture_output=True,
+                         text=True, check=False)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench(name: str) -> dict:
+    row = {"model": name}
+    for setting in SETTINGS:
+        with tempfile.TemporaryDirectory() as tmp:
+            row[setting] = {"cold": run(name, setting, Path(tmp)), "warm": run(name, setting, Path(tmp))}
+        print(name, setting, row[setting], file=sys.stderr)
+    return row
+
+
+def _s(figures: dict, key: str = "first_s") -> str:
+    return figures["error"][:40] if "error" in figures else f"{figures[key]:.1f}"
+
+
+def _ratio(row: dict, cache: str) -> str:
+    ours, theirs = row["convrewrite"][cache], row["inductor"][cache]
+    return "-" if "error" in ours or "error" in theirs else f"{ours['first_s'] / theirs['first_s']:.2f}x"
+
+
+def section(rows: list[dict], command: str) -> str:
+    from convrewrite.table import fingerprint
+    fp = fingerprint("cpu")
+    table = [(r["model"], *(_s(r[s][c]) for c in ("cold", "warm") for s in SETTINGS), _ratio(r, "cold"),
+              _ratio(r, "warm"), _s(r["convrewrite"]["cold"], "settle_s"),
+              *(_s(r[s]["cold"], "steady_ms") for s in SETTINGS))
+             for r in rows]
+    head = ["model", *(f"{c} {s} s" for c in ("cold", "warm") for s in SETTINGS), "ours / inductor cold",
+            "ours / inductor warm", "ours: alternatives ready after s", *(f"{s} ms" for s in SETTINGS)]
+    return "\n".join([
+        MARKS[0], "## Compile time under torch.compile (issue 21)", "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"- machine: {fp['model']} ({fp['isa']}, {fp['threads']} threads), torch {torch.__version__}",
+        f"- command: `{command}`", "",
+        "First call (dynamo + pass + compile + one run, inference) in a fresh process, seconds: cold = empty "
+        "inductor cache dir, warm = the cache the cold run left. Our backend compiles the graph the figures "
+        "favour at the first call and its alternatives in a background thread; \"alternatives ready after\" is "
+        "the wait for those after the first call, plus the call that times them and picks. Steady ms: per call "
+        "after that, each setting in its own process (cold run).", "",
+        tabulate(table, head, tablefmt="github"), "", MARKS[1]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", default=[], help="a model or workload name (repeatable)")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return 0
+    rows = [bench(name) for name in (args.only or DEFAULT)]
+    command = "python bench/compile_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = section(rows, command.strip())
+    print(text)
+    replace_section(text, MARKS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""rewrite_exported: a torch.export program in, an equal one out, with the chosen forms as ATen ops."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+
+from convrewrite.capture import annotate, capture
+from convrewrite.export import rewrite_exported
+from convrewrite.rules import find_sites
+
+ATEN_CONV1D = torch.ops.aten.conv1d.default
+
+
+class ConvThenLinear(nn.Module):
+    """A pointwise conv, then a Linear between transposes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.norm, self.linear = nn.Conv1d(8, 16, 1), nn.BatchNorm1d(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.linear(torch.relu(self.norm(self.conv(x))).transpose(1, 2)).transpose(1, 2)
+
+
+def forcing(fake_table, model, x, executor, winner="matmul"):
+    """A table where ``winner`` is fastest for every site of ``model`` run by ``executor``."""
+    gm = capture(model)
+    annotate(gm, (x,))
+    return str(fake_table([dataclasses.replace(s.spec, executor=executor) for s in find_sites(gm)], winner=winner))
+
+
+def conv_ops(ep) -> list:
+    return [n for n in ep.graph.nodes if n.target is ATEN_CONV1D]
+
+
+@pytest.mark.parametrize("executor", ["inductor", "eager"])
+def test_the_chosen_form_replaces_the_aten_conv_and_the_program_stays_equal(fake_table, executor):
+    model, x = ConvThenLinear().eval(), torch.randn(2, 8, 12)
+    ep = torch.export.export(model, (x,))
+    new, report = rewrite_exported(ep, executor=executor, table=forcing(fake_table, model, x, executor))
+    assert [s.chosen for s in report.rewritten] == ["matmul"] and conv_ops(ep) and not conv_ops(new)
+    torch.testing.assert_close(new.module()(x), model(x))
+    assert new.state_dict.keys() == ep.state_dict.keys()
+    assert new.graph_signature.buffers == ep.graph_signature.buffers
+
+
+def test_nothing_faster_returns_the_same_program(fake_table):
+    model, x = ConvThenLinear().eval(), torch.randn(2, 8, 12)
+    ep = torch.export.export(model, (x,))
+    new, report = rewrite_exported(ep, table=forcing(fake_table, model, x, "inductor", winner=None))
+    assert new is ep and len(report) == 2 and not report.rewritten
+
+
+def test_a_program_with_dynamic_dimensions_is_returned_as_it_is():
+    model, x = ConvThenLinear().eval(), torch.randn(2, 8, 12)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({2: torch.export.Dim("length", min=2)},))
+    new, report = rewrite_exported(ep)
+    assert new is ep and "dynamic dimensions" in report.note
+
+
+def test_bad_arguments_are_clear_errors():
+    ep = torch.export.export(ConvThenLinear().eval(), (torch.randn(2, 8, 12),))
+    with pytest.raises(ValueError, match="executor must be one of"):
+        rewrite_exported(ep, executor="tensorrt")
+    with pytest.raises(TypeError, match="unknown convrewrite option"):
+        rewrite_exported(ep, marjin=1.2)
+
+
+def test_aoti_compiles_loads_and_runs_the_rewritten_program(fake_table, tmp_path):
+    model, x = ConvThenLinear().eval(), torch.randn(2, 8, 12)
+    ep = torch.export.export(model, (x,))
+    new, _ = rewrite_exported(ep, table=forcing(fake_table, model, x, "inductor"))
+    assert not conv_ops(new)
+    path = torch._inductor.aoti_compile_and_package(new, package_path=str(tmp_path / "model.pt2"))
+    loaded = torch._inductor.aoti_load_package(path)
+    torch.testing.assert_close(loaded(x), model(x))
