@@ -12,14 +12,19 @@ once more with ``conv_1x1_as_mm``), every compiled graph is timed on copies of a
 inputs (with the cache flushed between calls), and the fastest runs if it wins by the
 check's margin and by ``FRAME_S`` per call; otherwise inductor's own compile runs.
 
-Compile time: the graph the figures favour compiles at once and runs from the first call, so
-that call costs one compile, as inductor's does; the alternatives compile in a background
-thread (``options={"alternatives": "first_call"}`` compiles them before the first call
-returns), and the first call after they are ready times them and picks. :func:`settle` waits
-for them. Inductor's FX graph cache keys each compile on the graph's code, so a warm cache
-serves the rewritten graph as it does the original. Where the pass turned more than
-``UNROLLED`` ops of unrolled loops into convolutions, the graph as dynamo gave it is not
-compiled at all: that compile is what takes inductor minutes.
+Compile time: the graph the figures favour compiles first. By default its alternatives
+compile right after it, before the first call returns, and that call times them all. With
+``options={"alternatives": "background"}`` only the favoured graph compiles before the first
+call, which costs about one compile as inductor's does; the others compile on a background
+thread while it runs, and the first call after they are ready times them and picks
+(:func:`settle` waits for them). Opt-in, because a compile traces with fx, and fx patches
+``nn.Module`` for the whole process while it traces: the background compile and convrewrite's
+own captures take one lock, but an ``fx.symbolic_trace`` or ``torch.export`` of your own in
+another thread at the same time would corrupt both traces. Inductor's FX graph cache keys
+each compile on the graph's code, so a warm cache serves the rewritten graph as it does the
+original. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
+convolutions, the graph as dynamo gave it is not compiled at all: that compile is what takes
+inductor minutes.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import META, TensorInfo
+from .capture import META, TRACING, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
 from .kinds.channel_mix import ChannelMixSpec
 from .kinds.conv import ConvSpec
@@ -46,7 +51,7 @@ from .pipeline import rewrite
 
 log = logging.getLogger(__name__)
 INNER = ("inductor", "eager")
-ALTERNATIVES = ("background", "first_call")
+ALTERNATIVES = ("first_call", "background")
 BACKEND_ONLY = ("inner", "alternatives")  # backend options that are not the pass's Options
 CONV_1X1_AS_MM = {"conv_1x1_as_mm": True}
 # Loops that unrolled into more ops than this are not compiled as written: inductor took
@@ -74,7 +79,7 @@ def parse_options(options: dict | None) -> tuple[Options, Callable | str, bool]:
     alternatives compile in the background."""
     options = dict(options or {})
     inner = options.pop("inner", "inductor")
-    alternatives = options.pop("alternatives", "background")
+    alternatives = options.pop("alternatives", "first_call")
     valid = [*BACKEND_ONLY, *(f.name for f in dataclasses.fields(Options))]
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -130,10 +135,9 @@ class FastestCompiled:
     runs unless another is faster by the check's margin and by ``FRAME_S`` per call.
 
     The graph the figures favour (rewritten if any site was, else as dynamo gave it) is
-    compiled at once and runs from the first call, so the first call costs one compile, as
-    inductor's own does. With ``background``, the others compile in a background thread and
-    the first call after they are ready times them all and picks; otherwise they compile now
-    and the first call picks. ``report``: the pass's report, with the times and the choice
+    compiled first. The others compile right after it, and the first call picks; or, with
+    ``background``, on a background thread while the favoured graph runs, and the first call
+    after they are ready picks. ``report``: the pass's report, with the times and the choice
     once made; ``only``: the one compiled graph, where there is nothing to choose between (it
     is returned to dynamo itself, with no wrapper around its calls)."""
 
@@ -183,11 +187,12 @@ class FastestCompiled:
 
 def _compile_all(variants: dict, compile_one: Callable) -> dict[str, Callable]:
     """Each variant compiled (one that fails to compile is left out, with a warning), under
-    dynamo's compile lock: inductor's config patches are process-wide, and dynamo's own
-    compiles of other frames take the same lock."""
+    :data:`~convrewrite.capture.TRACING` and dynamo's compile lock: a compile traces with fx,
+    which patches ``nn.Module`` process-wide; inductor's config patches are process-wide too;
+    and dynamo's own compiles of other frames take the same lock."""
     from torch._dynamo.convert_frame import compile_lock  # imports inductor: only when compiling
     compiled = {}
-    with compile_lock:
+    with TRACING, compile_lock:
         for name, (graph, patches) in variants.items():
             try:
                 compiled[name] = compile_one(graph, patches=patches)

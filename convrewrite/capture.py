@@ -20,6 +20,7 @@ import importlib
 import inspect
 import math
 import operator
+import threading
 import time
 from typing import Callable
 
@@ -117,33 +118,40 @@ def state_kept(module: torch.nn.Module):
                 container.update(before)
 
 
+# fx patches torch.nn.Module process-wide while it traces, so two traces in two threads at once
+# (this capture, and the make_fx inside a compile on the backend's background thread) corrupt
+# each other's graphs and can leave the patch in place. Ours and the backend's take this lock.
+TRACING = threading.RLock()
+
+
 def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
     """Symbolically trace ``module`` with ``concrete_args`` fixed (fx asserts them at run time);
     the graph shares the module's submodules and parameters. Submodules that cannot be traced
     are left opaque; an untraceable root gives a graph of one opaque call (target ``ROOT``)."""
     opaque: dict[str, str] = {}
-    while True:
-        tracer = _Tracer(opaque)
-        try:
-            with state_kept(module):
-                graph = tracer.trace(module, concrete_args=concrete_args or None)
-        except Exception as e:  # symbolic_trace raises many types for untraceable Python
-            why = f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0]
-            if not tracer.failed_in or tracer.failed_in in opaque:
-                return _opaque_root(module, why)
-            opaque[tracer.failed_in] = why
-            continue
-        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
-        wanted = _wanted_opaque(gm, module, set(opaque))
-        if "" in wanted:
-            return _opaque_root(module, wanted[""])
-        if wanted:
-            opaque.update(wanted)
-            continue
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and node.target in opaque:
-                node.meta[OPAQUE] = opaque[node.target]
-        return gm
+    with TRACING:
+        while True:
+            tracer = _Tracer(opaque)
+            try:
+                with state_kept(module):
+                    graph = tracer.trace(module, concrete_args=concrete_args or None)
+            except Exception as e:  # symbolic_trace raises many types for untraceable Python
+                why = f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0]
+                if not tracer.failed_in or tracer.failed_in in opaque:
+                    return _opaque_root(module, why)
+                opaque[tracer.failed_in] = why
+                continue
+            gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+            wanted = _wanted_opaque(gm, module, set(opaque))
+            if "" in wanted:
+                return _opaque_root(module, wanted[""])
+            if wanted:
+                opaque.update(wanted)
+                continue
+            for node in gm.graph.nodes:
+                if node.op == "call_module" and node.target in opaque:
+                    node.meta[OPAQUE] = opaque[node.target]
+            return gm
 
 
 def _wanted_opaque(gm: fx.GraphModule, module: torch.nn.Module, already: set[str]) -> dict[str, str]:

@@ -23,7 +23,7 @@ class Options:
         on copies of the inputs (both warm, interleaved), and keep the original unless the
         rewrite is faster there by 5% and by more than the figures' noise.
         The backend times the compiled graphs: rewritten, as dynamo gave it and, under
-        inductor, that with ``conv_1x1_as_mm``; all but the first compile in the background.
+        inductor, that with ``conv_1x1_as_mm`` (see ``alternatives`` for when they compile).
     table: path of a cost-table file to use before this machine's own and the shipped one.
     forms: if given, only these form names may be chosen (the original is always allowed).
     progress: show a progress bar on stderr when choosing forms takes more than 2 s (a
@@ -31,10 +31,11 @@ class Options:
         ``CONVREWRITE_PROGRESS=0``.
     inner (backend only, not a field): the compiler the rewritten graphs go to,
         ``"inductor"`` (default) or ``"eager"``.
-    alternatives (backend only, not a field): ``"background"`` (default) compiles the graphs
-        the check compares in a background thread while the favoured one runs (wait for them
-        with ``convrewrite.backend.settle()``); ``"first_call"`` compiles them all before the
-        first call returns.
+    alternatives (backend only, not a field): ``"first_call"`` (default) compiles the graphs
+        the check compares before the first call returns; ``"background"`` compiles only the
+        favoured one then and the others on a background thread while it runs (wait for them
+        with ``convrewrite.backend.settle()``; do not fx-trace or ``torch.export`` in another
+        thread meanwhile: fx patches ``nn.Module`` process-wide while it traces).
     """
 
     margin: float = 1.1
