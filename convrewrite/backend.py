@@ -20,9 +20,10 @@ thread while it runs, and the first call after they are ready times them and pic
 (:func:`settle` waits for them). Opt-in, because a compile traces with fx, and fx patches
 ``nn.Module`` for the whole process while it traces: the background compile and convrewrite's
 own captures take one lock, but an ``fx.symbolic_trace`` or ``torch.export`` of your own in
-another thread at the same time would corrupt both traces. Inductor's FX graph cache keys
-each compile on the graph's code, so a warm cache serves the rewritten graph as it does the
-original. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
+another thread at the same time would corrupt both traces. For inductor, each rewritten
+site's call is inlined as its form's ATen ops, so AOTAutograd's and the FX graph cache key the
+rewritten graph on its code (the table and rules that chose it included) and a warm cache
+serves it as it does the original. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
 convolutions, the graph as dynamo gave it is not compiled at all: that compile is what takes
 inductor minutes.
 """
@@ -44,6 +45,7 @@ import torch.nn as nn
 
 from .capture import META, TRACING, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
+from .emit import SiteCall
 from .kinds.channel_mix import ChannelMixSpec
 from .kinds.conv import ConvSpec
 from .options import Options
@@ -254,9 +256,62 @@ def _variants(original: fx.GraphModule | None, rewritten: fx.GraphModule, report
     if inner == "inductor" and any(s.kind == ChannelMixSpec.kind for s in report):
         variants[f"{ORIGINAL}-1x1mm"] = (_graph_copy(original), CONV_1X1_AS_MM)
     if report.rewritten:
+        if inner == "inductor":
+            inline_site_calls(rewritten)
         variants[REWRITTEN] = (rewritten, {})
     return variants
 
+
+def inline_site_calls(gm: fx.GraphModule) -> None:
+    """Each rewritten site's call replaced by its form's ATen ops, traced with ``make_fx`` on
+    the site's example values: AOTAutograd's cache keys only graphs of torch ops, and a call of
+    a Python object (:class:`~convrewrite.emit.SiteCall`) made it bypass the cache, so a warm
+    cache compiled the rewritten graph again. A form that does not trace keeps its call."""
+    graph, traces = gm.graph, {}
+    for node in [n for n in graph.nodes if isinstance(n.target, SiteCall)]:
+        nodes = [a for a in node.args if isinstance(a, fx.Node)]
+        values = [a.meta.get("example_value", a.meta.get("val")) for a in nodes]
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            continue
+        # repeated layers share a trace: one make_fx per form, spec and argument layout
+        key = (node.target.form.name, node.target.spec.key(),
+               tuple(None if isinstance(a, fx.Node) else a for a in node.args),
+               tuple((v.shape, v.stride(), v.dtype, v.requires_grad) for v in values))
+        if key not in traces:
+            traces[key] = _traced(node, values)
+        traced = traces[key]
+        if traced is None:
+            continue
+        env = dict(zip([n for n in traced.graph.nodes if n.op == "placeholder"], nodes, strict=True))
+        with graph.inserting_before(node):
+            out = graph.graph_copy(traced.graph, env)
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    gm.recompile()
+
+
+def _traced(node: fx.Node, values: list) -> fx.GraphModule | None:
+    """The ATen graph of ``node``'s call on ``values``, or None where it does not trace or
+    needs constants the graph would have to own."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    try:
+        traced = make_fx(_over_nodes(node), tracing_mode="real")(*values)
+    except Exception:  # noqa: BLE001 (the call stays, as verified)
+        return None
+    if any(n.op == "get_attr" for n in traced.graph.nodes):
+        return None
+    for n in traced.graph.nodes:  # AOTAutograd's cache keys a method call only on a tensor with this meta
+        if isinstance(n.meta.get("val"), torch.Tensor):
+            n.meta["example_value"] = n.meta["val"]
+    return traced
+
+
+def _over_nodes(node: fx.Node) -> Callable:
+    """``node``'s call as a function of its node arguments alone (None and constants bound)."""
+    def call(*tensors):
+        it = iter(tensors)
+        return node.target(*(next(it) if isinstance(a, fx.Node) else a for a in node.args))
+    return call
 
 
 def _compile(inner, gm: fx.GraphModule, patches: dict, *, example_inputs, mode: str | None) -> Callable:

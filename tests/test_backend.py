@@ -11,10 +11,12 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
-from convrewrite.backend import annotate_from_meta, parse_options, settle
+from convrewrite.backend import annotate_from_meta, inline_site_calls, parse_options, settle
 from convrewrite.capture import TRACING, annotate, capture
 from convrewrite.emit import site_calls
 from convrewrite.forms import forms_for
+from convrewrite.options import Options
+from convrewrite.pipeline import rewrite
 from convrewrite.rules import find_sites
 from convrewrite.table import CostTable, fingerprint
 
@@ -322,3 +324,34 @@ def test_by_default_alternatives_compile_before_the_first_call_returns(fake_tabl
     with caplog.at_level("INFO", logger="convrewrite.backend"):
         torch.testing.assert_close(torch.compile(model, backend="convrewrite", options=options)(x), model(x))
     assert len(recorder.graphs) == 2 and [r.ran for r in backend_reports(caplog)] == ["rewritten"]
+
+
+def test_rewritten_sites_are_inlined_as_aten_ops_for_inductor(fake_table):
+    """Inductor gets a graph of torch ops only (AOTAutograd's cache bypasses calls of Python
+    objects), equal to the model in outputs and gradients."""
+    model, x = stack(), torch.randn(4, 8, 32)
+    table = table_forcing(fake_table, model, x, "baddbmm")
+    graphs = []
+
+    def inline_then_run(gm, example_inputs):
+        annotate_from_meta(gm)
+        rewrite(gm, Options(table=str(table)))
+        assert len(site_calls(gm)) == 2
+        inline_site_calls(gm)
+        graphs.append(gm)
+        return gm.forward
+
+    assert_same_outputs_and_grads(model, torch.compile(model, backend=inline_then_run), x)
+    (gm,) = graphs
+    assert not site_calls(gm) and torch.ops.aten.baddbmm.default in {n.target for n in gm.graph.nodes}
+
+
+def test_fullgraph_and_mark_dynamic_compose_with_the_backend(fake_table):
+    model, x = stack(), torch.randn(4, 8, 32)
+    table = table_forcing(fake_table, model, x, "matmul")
+    compiled = torch.compile(model, backend="convrewrite", fullgraph=True, options={"inner": "eager", "table": str(table)})
+    torch.testing.assert_close(compiled(x), model(x))
+    for length in (32, 48):
+        y = torch.randn(4, 8, length)
+        torch._dynamo.mark_dynamic(y, 2)
+        torch.testing.assert_close(compiled(y), model(y))
