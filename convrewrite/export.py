@@ -27,8 +27,10 @@ _TORCH_OF = {
     aten.conv1d.default: torch.conv1d, aten.conv2d.default: torch.conv2d, aten.conv3d.default: torch.conv3d,
     aten.linear.default: F.linear, aten.permute.default: torch.permute, aten.transpose.int: torch.transpose,
     aten.relu.default: torch.relu, aten.gelu.default: F.gelu, aten.sigmoid.default: torch.sigmoid,
-    aten.tanh.default: torch.tanh, aten.silu.default: F.silu,
+    aten.tanh.default: torch.tanh, aten.silu.default: F.silu, aten.mul.Tensor: torch.mul, aten.add.Tensor: torch.add,
+    aten.layer_norm.default: F.layer_norm,  # its sixth argument, cudnn_enable, is dropped (CPU and CUDA ignore it)
 }
+_ARITY = {aten.layer_norm.default: 5}
 EXECUTORS = ("inductor", "eager")
 
 
@@ -65,5 +67,6 @@ def _dynamic(ep: torch.export.ExportedProgram) -> bool:
 def _as_torch_functions(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _TORCH_OF:
+            node.args = node.args[:_ARITY.get(node.target, len(node.args))]
             node.target = _TORCH_OF[node.target]
     gm.recompile()

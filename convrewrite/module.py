@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 
 from .hooks import global_hooks, has_hooks, own_hooks
 from .options import Options
@@ -43,6 +44,14 @@ _training = operator.attrgetter("training")
 # fx's own check where this torch has it (is_fx_tracing is also true under torch.export, and warns so)
 _fx_tracing = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)
 _grad_enabled = torch.is_grad_enabled
+
+
+def _traced_by_fx(args: tuple, kwargs: dict) -> bool:
+    """Whether fx is tracing this call: its flag is process-wide, so while one thread traces
+    (a first call capturing), a call in another thread must not take it for its own trace and
+    run the original through fx's patched ``nn.Module`` (the tracer would record it); only a
+    traced call receives Proxies."""
+    return _fx_tracing() and any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs)))
 
 
 def _value_key(v):
@@ -147,7 +156,7 @@ class ConvRewriteModule(nn.Module):
         flat = args if not kwargs and len(args) == d["_convrewrite_arity"] else self._flat(args, kwargs)
         spec = d["_state"].specs.get(self._key(flat) if flat is not None else self._call_key(args, kwargs))
         if spec is None or spec.watched and spec.stale():
-            if torch.compiler.is_compiling() or torch._C._get_tracing_state() or _fx_tracing():
+            if torch.compiler.is_compiling() or torch._C._get_tracing_state() or _traced_by_fx(args, kwargs):
                 # no specialising inside a trace (the outer optimize() of a model holding this one, say)
                 return original(*args, **kwargs)
             spec, output = self._specialized(args, kwargs, flat)

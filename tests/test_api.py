@@ -509,3 +509,15 @@ def test_specialising_leaves_the_global_random_stream_alone():
         ref = model(x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(after, torch.rand(4))
+
+
+def test_a_call_in_another_thread_while_fx_traces_still_specialises(model_and_table, monkeypatch):
+    """fx's tracing flag is process-wide: while one thread captures, a call in another thread
+    (real tensors, not Proxies) must specialise as usual, not run the original through fx's
+    patched nn.Module (the tracer would record it)."""
+    model, x, table = model_and_table
+    opt = convrewrite.optimize(model, table=table)
+    monkeypatch.setattr(convrewrite.module, "_fx_tracing", lambda: True)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+    assert len(opt._state.specs) == 1

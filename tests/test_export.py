@@ -77,3 +77,26 @@ def test_aoti_compiles_loads_and_runs_the_rewritten_program(fake_table, tmp_path
     path = torch._inductor.aoti_compile_and_package(new, package_path=str(tmp_path / "model.pt2"))
     loaded = torch._inductor.aoti_load_package(path)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt's block as transformers writes it: permute, LayerNorm, Linear, GELU, Linear,
+    a layer scale, permute back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm, self.up, self.down = nn.LayerNorm(8, eps=1e-6), nn.Linear(8, 32), nn.Linear(32, 8)
+        self.scale = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, x):
+        y = self.down(nn.functional.gelu(self.up(self.norm(x.permute(0, 2, 3, 1)))))
+        return x + (self.scale * y).permute(0, 3, 1, 2)
+
+
+def test_a_layout_chain_of_aten_ops_is_found_and_stays_equal():
+    model, x = ChannelsLastBlock().eval(), torch.randn(2, 8, 5, 5)
+    ep = torch.export.export(model, (x,))
+    new, report = rewrite_exported(ep, executor="eager", measure=True)
+    assert [s.pattern for s in report] == ["layout chain"]
+    torch.testing.assert_close(new.module()(x), model(x), rtol=1e-4, atol=1e-5)
