@@ -15,6 +15,17 @@ from convrewrite.table import CostTable, fingerprint
 ORIGINALS = {kind.name: kind.original for kind in kinds()}
 
 
+def pytest_configure(config):
+    """No tqdm monitor thread: torch.fx's Interpreter makes tqdm bars, and tqdm then starts a
+    daemon thread that is still waiting when the interpreter shuts down (a known source of
+    crashes at exit, after the summary)."""
+    try:
+        import tqdm
+    except ImportError:
+        return
+    tqdm.tqdm.monitor_interval = 0
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own empty user cache dir."""
