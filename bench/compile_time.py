@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from convrewrite.progress import bar
+
 sys.path.insert(0, str(Path(__file__).parent))
 from figures import replace_section  # noqa: E402
 
 SETTINGS = ("inductor", "inductor-1x1mm", "convrewrite", "convrewrite-background")
-DEFAULT = ("mobilenetv2-block", "pointnet", "seed003-unfold-matmul", "per-pixel-16", "hf-squeezebert",
+DEFAULT = ("mobilenetv2-block", "pointnet", "unfold-matmul", "per-pixel-16", "hf-squeezebert",
            "hf-mobilevit-small")
 MARKS = ("<!-- bench:compile -->", "<!-- /bench:compile -->")
 
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(*args.child)))
         return 0
-    rows = [bench(name) for name in (args.only or DEFAULT)]
+    rows = [bench(name) for name in bar(args.only or DEFAULT, desc="models", unit="model")]
     command = "python bench/compile_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = section(rows, command.strip())
     print(text)

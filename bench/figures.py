@@ -40,6 +40,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 import convrewrite
+from convrewrite.progress import bar
 from convrewrite.forms import forms_for
 from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.kinds.channel_mix.forms import ORIGINAL
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
              "stability": lambda: bench_stability(args.models, args.seed),
              "prediction": lambda: bench_prediction(args.models, args.seed), "overhead": bench_overhead}
     command = "python bench/figures.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    for name, run in parts.items():
+    for name, run in bar(parts.items(), desc="parts", unit="part"):
         if wanted(name.split("_")[0]):
             data[name] = {**run(), "run": f"{datetime.datetime.now().isoformat(timespec='minutes')}: `{command.strip()}`"}
     text = section(data)

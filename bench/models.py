@@ -27,6 +27,7 @@ import torch
 from tabulate import tabulate
 
 import convrewrite
+from convrewrite.progress import bar
 from convrewrite.measure import time_callables
 from convrewrite.table import fingerprint
 
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     names = [n for n in MODELS if not args.only or n in args.only]
     available = [n for n in names if importlib.util.find_spec(MODELS[n][0]) is not None]
     rows = []
-    for name in available:
+    for name in bar(available, desc="models", unit="model"):
         rows.append(bench_model(name, args.busy_cores))
         print(rows[-1], file=sys.stderr)
     command = "python bench/models.py " + " ".join(argv if argv is not None else sys.argv[1:])

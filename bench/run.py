@@ -2,7 +2,7 @@
 
     python bench/run.py            # full run, rewrites bench/RESULTS.md and bench/results.json
     python bench/run.py --quick    # shorter timings and a smaller shape grid
-    python bench/run.py --only seed000-conv1d --only grid
+    python bench/run.py --only conv1d-1x1-short --only grid
 
 All candidates of a workload are timed in one run, in interleaved rounds
 (``convrewrite.measure.time_callables``), and reported as speedups over the original.
@@ -35,6 +35,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 import convrewrite
+from convrewrite.progress import bar
 from convrewrite.decide import choose
 from convrewrite.forms import forms_for, registered_names
 from convrewrite.kinds.channel_mix import ChannelMixSpec, crossover
@@ -50,7 +51,10 @@ from workloads import COMPILED, WORKLOADS  # noqa: E402
 
 HERE = Path(__file__).parent
 README = HERE.parent / "README.md"
-HEADLINE = ("convnext-block", "pointnet", "mobilenetv2-block", "ffn-transposed", "tap-loop", "per-pixel-16")  # and every seed
+# the forum's code at its own sizes, and a few blocks
+HEADLINE = ("conv2d-1x1-large", "conv1d-1x1-short", "conv1d-1x1-permuted", "conv1d-on-transposed", "linear-transposes",
+            "linear-transposes-long", "ffn-transposed", "convnext-block", "pointnet", "mobilenetv2-block", "convolve-loop",
+            "unfold-mul-sum", "unfold-matmul", "per-pixel-loop", "per-pixel-16", "tap-loop")
 HEADLINE_MARKS = ("<!-- bench:headline -->", "<!-- /bench:headline -->")
 ALL_FORMS = ("conv", "conv_channels_last", "matmul", "baddbmm", "linear", "addmm",
              "channels_first_conv", "channels_first_matmul", "channels_last_linear",
@@ -212,7 +216,7 @@ def bench_grid(args) -> dict:
         if spec.key() not in table.entries:
             specs.append(spec)
     rows = []
-    for spec in specs:
+    for spec in bar(specs, desc="grid", unit="spec"):
         times = time_forms(spec, forms_for(spec), rounds=args.rounds, block_s=args.block / 2)
         row = {"key": spec.key(), "times": dict(times), "best": min(times, key=times.get)}
         for policy, measure in (("predict", False), ("auto", "auto")):
@@ -416,7 +420,7 @@ def write_results(data: dict, command: str) -> None:
         "",
     ]
     if data.get("workloads"):
-        lines += ["## Seed workloads", "", workload_table(data["workloads"]), ""]
+        lines += ["## Forum code and blocks", "", workload_table(data["workloads"]), ""]
         lines += ["First call (capture + rewrite for optimize, compile for inductor), seconds:", ""]
         firsts = list(dict.fromkeys(k for r in data["workloads"] for k in r["first_call_s"]))
         lines += [tabulate([(r["workload"], r["mode"], *(f"{r['first_call_s'][k]:.2f}" if k in r["first_call_s"] else "-"
@@ -458,10 +462,10 @@ def _kept_sections() -> str:
 
 
 def headline(data: dict, command: str) -> str:
-    """The README's results: the seeds and a few blocks, vs eager and inductor, and a summary."""
+    """The README's results: the forum's code and a few blocks, vs eager and inductor, and a summary."""
     rows = []
     for r in data["workloads"]:
-        if r["workload"].startswith("seed") or r["workload"] in HEADLINE:
+        if r["workload"] in HEADLINE:
             t, hand = r["times"], r.get("optimized_vs_hand_written")
             rows.append([r["workload"], r["mode"], f"{t['original'] * 1e3:.3f}", _x(t["original"] / t["optimized"]),
                          f"{r['optimized_vs_best']:.2f}", f"{hand:.2f}" if hand else "-",
@@ -475,7 +479,7 @@ def headline(data: dict, command: str) -> str:
         f"`{command}` on {data['date'][:10]}, on {data['allocator']}. \"optimize / best form\" is the optimized "
         "model's time over the fastest single form forced at every site (1.00 = the oracle); \"optimize / "
         "hand-written\" compares a lifted loop with the forum's own one-op answer. The machine is shared and "
-        "noisy: rows of tens of microseconds move by 10-15% between runs. Inductor is not run on seed 004's 100x100 per-pixel loop (it took 130 s on a 20x20 one); "
+        "noisy: rows of tens of microseconds move by 10-15% between runs. Inductor is not run on the 100x100 per-pixel loop (it took 130 s on a 20x20 one); "
         "per-pixel-16 compares it with our backend.",
         "", table, "", compiled_summary(compiled_rows(data["workloads"])) + " Every row: bench/RESULTS.md.", "",
         f"On {data['grid']['n']} random pointwise shapes absent from the shipped table, the chosen form was within 10% "
@@ -518,8 +522,9 @@ def main(argv=None) -> int:
     # as a fresh install: the shipped table only, and measurements kept out of the user's cache
     os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-bench-")
     with tempfile.TemporaryDirectory() as tmp:
-        data["workloads"] = [bench_workload(w, train, args, Path(tmp)) for w in WORKLOADS if wanted(w.name)
-                             for train in (False, True)[:1 + w.train]]
+        runs = [(w, train) for w in WORKLOADS if wanted(w.name) for train in (False, True)[:1 + w.train]]
+        data["workloads"] = [bench_workload(w, train, args, Path(tmp))
+                             for w, train in bar(runs, desc="workloads", unit="workload")]
     if data["workloads"]:
         print(workload_table(data["workloads"]))
     if wanted("crossover"):

@@ -1,9 +1,10 @@
-"""Workloads of the bench: the seeds' convolutions at the sizes they quote, and real blocks.
+"""Workloads of the bench: convolutions as users post them on the PyTorch forums, at the sizes
+they quote, and real blocks.
 
 Each workload builds ``(model, inputs)``; the bench times the model as written, as
 ``convrewrite.optimize`` rewrites it, with every form forced at its sites, and under
 ``torch.compile``. Convolutions written as Python code also carry the forum's hand-written
-answer (``reference``), timed in the same run. The seed code is copied as the users wrote it.
+answer (``reference``), timed in the same run. The forum code is copied as the users wrote it.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class Reference(nn.Module):
         return self.fn(self.model, *inputs)
 
 
-class Seed000Linear(nn.Module):
-    """Seed 000's ``c2``: ``Linear`` between transposes, over channels-first [N, C, L] data."""
+class LinearBetweenTransposes(nn.Module):
+    """``Linear`` between transposes, over channels-first [N, C, L] data."""
 
     def __init__(self, c):
         super().__init__()
@@ -91,7 +92,7 @@ class SharedTranspose(nn.Module):
 
 
 class OnTransposed(nn.Module):
-    """Seed 001: a Conv1d(k=1) applied to a [N, L, C] tensor through a transpose."""
+    """A Conv1d(k=1) applied to a [N, L, C] tensor through a transpose."""
 
     def __init__(self, cin, cout):
         super().__init__()
@@ -101,19 +102,19 @@ class OnTransposed(nn.Module):
         return self.conv(x.transpose(1, 2))
 
 
-def _seed000_2d():
+def _conv2d_large():
     return nn.Conv2d(64, 64, 1), (torch.randn(10, 64, 128, 128),)
 
 
-def _seed000_1d():
+def _conv1d_short():
     return nn.Conv1d(32, 32, 1, bias=False), (torch.randn(128, 32, 5),)
 
 
-def _seed001_contiguous():
+def _conv1d_permuted():
     return nn.Conv1d(8, 32, 1), (torch.randn(128, 256, 8).permute(0, 2, 1).contiguous(),)
 
 
-def _seed001_transposed():
+def _conv1d_transposed():
     return OnTransposed(8, 32), (torch.randn(128, 256, 8),)
 
 
@@ -203,7 +204,7 @@ class AudioStack(nn.Module):
 
 
 def convolve(a, v):
-    """Seed 002, as asked: rows of ``a`` fully convolved with rows of ``v`` by a double loop."""
+    """Rows of ``a`` fully convolved with rows of ``v`` by a double loop."""
     if a.ndim == 1:
         a = a.view(1, -1)
         v = v.view(1, -1)
@@ -224,7 +225,7 @@ class Convolve(nn.Module):
 
 
 def myconv2d(input, weight, bias=None, stride=(1,1), padding=(0,0), dilation=(1,1), groups=1):
-    """Seed 003's first version: unfold twice, expand, multiply, sum."""
+    """A convolution by unfold twice, expand, multiply, sum."""
     input = F.pad(input=input, pad= [padding[0], padding[0], padding[1], padding[1]], mode='constant', value=0)
     dh, dw = stride
     out_channels, in_channels, kh, kw = weight.shape
@@ -245,7 +246,7 @@ def myconv2d(input, weight, bias=None, stride=(1,1), padding=(0,0), dilation=(1,
 
 
 def myconv2d_unfold(input, weight, stride=1, padding=0, dilation=1):
-    """Seed 003's second version: ``nn.Unfold`` + matmul (its undefined out_h/out_w computed)."""
+    """A convolution by ``nn.Unfold`` + matmul."""
     batch_size, in_channels, in_h, in_w = input.shape
     out_channels, in_channels, kh, kw = weight.shape
     unfold = torch.nn.Unfold(kernel_size=(kh, kw), dilation=dilation, padding=padding, stride=stride)
@@ -258,7 +259,7 @@ def myconv2d_unfold(input, weight, stride=1, padding=0, dilation=1):
 
 
 class MyConv2d(nn.Module):
-    """A custom Conv2d layer over seed 003's functions."""
+    """A custom Conv2d layer over these unfold functions."""
 
     def __init__(self, cin=16, cout=32, k=3, unfold_matmul=False):
         super().__init__()
@@ -273,7 +274,7 @@ class MyConv2d(nn.Module):
 
 
 def manual_conv2d(input_tensor, weight):
-    """Seed 004's per-pixel single-channel convolution (its CUDA example, on this device)."""
+    """A single-channel convolution by a Python loop over output pixels."""
     pad_height = weight.shape[2] // 2
     pad_width = weight.shape[3] // 2
     padded_input = F.pad(input_tensor, (pad_width, pad_width, pad_height, pad_height), mode='constant', value=0)
@@ -312,24 +313,24 @@ class CausalTaps(nn.Module):
 
 
 LOOP_WORKLOADS = [
-    Workload("seed002-loop", "002: batched full 1D convolution, double loop, 1000 rows x 9 x 5",
+    Workload("convolve-loop", "batched full 1D convolution, double loop, 1000 rows x 9 x 5",
              lambda: (Convolve(), (torch.randn(1000, 9), torch.randn(1000, 5))),
              lambda m: Reference(m, lambda _, a, v: torch.conv1d(a.unsqueeze(0), v.unsqueeze(1).flip(2),
                                                                  padding=v.size(1) - 1, groups=a.size(0)).squeeze(0)),
              train=False),
-    Workload("seed003-unfold", "003: unfold + expand + mul + sum conv, [8,16,64,64] * 32x16x3x3",
+    Workload("unfold-mul-sum", "unfold + expand + mul + sum conv, [8,16,64,64] * 32x16x3x3",
              lambda: (MyConv2d(), (torch.randn(8, 16, 64, 64),)),
              lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, m.bias))),
-    Workload("seed003-unfold-matmul", "003: nn.Unfold + matmul conv, [8,16,64,64] * 32x16x3x3, padding 1",
+    Workload("unfold-matmul", "nn.Unfold + matmul conv, [8,16,64,64] * 32x16x3x3, padding 1",
              lambda: (MyConv2d(unfold_matmul=True), (torch.randn(8, 16, 64, 64),)),
              lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, padding=1))),
     # inductor compiled a 20x20 per-pixel loop in 130 s (1605 ops); at 100x100 (40005 ops) it
     # would take hours: only our backend is timed here, inductor on per-pixel-16
-    Workload("seed004-per-pixel", "004: per-pixel loop, [1,1,100,100] * 3x3",
+    Workload("per-pixel-loop", "per-pixel loop, [1,1,100,100] * 3x3",
              lambda: (PerPixel(), (torch.randn(1, 1, 100, 100),)),
              lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, padding=1)), compiled=("compile-convrewrite",)),
     # inductor takes 80 s to compile it for inference (for training at 12x12: 400 s)
-    Workload("per-pixel-16", "004's per-pixel loop on [1,1,16,16]: small enough for inductor to compile",
+    Workload("per-pixel-16", "the per-pixel loop on [1,1,16,16]: small enough for inductor to compile",
              lambda: (PerPixel(), (torch.randn(1, 1, 16, 16),)),
              lambda m: Reference(m, lambda m, x: F.conv2d(x, m.weight, padding=1)), train=False),
     Workload("tap-loop", "loop over 9 taps: depthwise causal conv, [16,64,4000]",
@@ -339,14 +340,14 @@ LOOP_WORKLOADS = [
 ]
 
 WORKLOADS = [
-    Workload("seed000-conv2d", "000: Conv2d(64,64,1) on [10,64,128,128]", _seed000_2d),
-    Workload("seed000-conv1d", "000: Conv1d(32,32,1) on [128,32,5]", _seed000_1d),
-    Workload("seed001-conv1d", "001: Conv1d(8,32,1) on [128,8,256] (permuted copy)", _seed001_contiguous),
-    Workload("seed001-transposed", "001: Conv1d(8,32,1) on [128,256,8].transpose(1,2)", _seed001_transposed),
-    Workload("seed000-c2", "000: c2 = Linear(32,32) between transposes on [128,32,5]",
-             lambda: (Seed000Linear(32), (torch.randn(128, 32, 5),))),
-    Workload("seed000-c2-long", "000: c2 = Linear(64,64) between transposes on [10,64,16384]",
-             lambda: (Seed000Linear(64), (torch.randn(10, 64, 16384),))),
+    Workload("conv2d-1x1-large", "Conv2d(64,64,1) on [10,64,128,128]", _conv2d_large),
+    Workload("conv1d-1x1-short", "Conv1d(32,32,1) on [128,32,5]", _conv1d_short),
+    Workload("conv1d-1x1-permuted", "Conv1d(8,32,1) on [128,8,256] (permuted copy)", _conv1d_permuted),
+    Workload("conv1d-on-transposed", "Conv1d(8,32,1) on [128,256,8].transpose(1,2)", _conv1d_transposed),
+    Workload("linear-transposes", "c2 = Linear(32,32) between transposes on [128,32,5]",
+             lambda: (LinearBetweenTransposes(32), (torch.randn(128, 32, 5),))),
+    Workload("linear-transposes-long", "c2 = Linear(64,64) between transposes on [10,64,16384]",
+             lambda: (LinearBetweenTransposes(64), (torch.randn(10, 64, 16384),))),
     Workload("ffn-transposed", "FFN as Conv1d(k=1) between transposes, [16,128,256]",
              lambda: (TransposedFFN(), (torch.randn(16, 128, 256),))),
     Workload("convnext-block", "ConvNeXt block, [8,96,28,28]", lambda: (ConvNeXtBlock(), (torch.randn(8, 96, 28, 28),))),

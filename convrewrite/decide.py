@@ -18,7 +18,7 @@ from .table import CostTable, user_table_path
 
 TABLE, PREDICTED, MEASURED, NONE = "table", "predicted", "measured", "none"
 CONTENDED = "measured under load"  # decided from, never stored
-AS_WRITTEN = "as written"  # the original of a site whose source is code, not a form
+AS_WRITTEN = "as_written"  # the original of a site whose source is code, not a form (named as the layout chain's)
 AUTO_AGREEMENT = 0.7  # below this share of agreeing neighbours, measure="auto" measures
 NOISE_SIGMAS = 2.0  # a win must exceed this many times the figures' combined relative noise
 

@@ -116,7 +116,8 @@ def main(argv=None) -> int:
                              "(the figures the convrewrite backend decides with)")
     parser.add_argument("--quick", action="store_true", help="a small grid and short timings (about 13 s on 2 CPU cores; longer while "
                              "other processes keep the machine busy: specs timed under load are timed again)")
-    parser.add_argument("--specs", type=int, default=None, help="random specs per dtype and mode (default 500; 20 with --quick)")
+    parser.add_argument("--specs", type=int, default=None, help="random specs per dtype and mode (default 500, about 5 min on 2 "
+                             "CPU cores for the default dtype and modes; 20 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shape grid (default 0)")
     parser.add_argument("--plot", metavar="PNG", default=None,
                         help="also time a regular (channels, size) grid and draw which form wins where, as a PNG "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 
 from tqdm import tqdm
 
@@ -18,9 +19,10 @@ class _Bar(tqdm):
     monitor_interval = 0
 
 
-def bar(total: int | None = None, desc: str = "", unit: str = "it", delay: float = 0.0,
-        enabled: bool = True) -> tqdm:
-    """A tqdm bar (with rate and ETA) on stderr that appears after ``delay`` seconds."""
+def bar(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
+        delay: float = 0.0, enabled: bool = True) -> tqdm:
+    """A tqdm bar (with rate and ETA) on stderr that appears after ``delay`` seconds; iterating
+    it iterates ``iterable``, as tqdm's own."""
     off = not enabled or os.environ.get(QUIET_ENV, "1") == "0"
-    return _Bar(total=total, desc=desc, unit=unit, delay=delay, file=sys.stderr, disable=True if off else None,
+    return _Bar(iterable, total=total, desc=desc, unit=unit, delay=delay, file=sys.stderr, disable=True if off else None,
                 dynamic_ncols=True)

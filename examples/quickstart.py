@@ -3,8 +3,8 @@ loop, and see what changed.
 
     python examples/quickstart.py
 
-Builds a PointNet-style encoder (Conv1d(k=1) stacks, as in seed 001), a Linear between
-transposes (seed 000's ``c2``), a smoothing filter written as a loop over its taps, and a 2D
+Builds a PointNet-style encoder (Conv1d(k=1) stacks), a Linear applied between
+transposes (channels-first data through a channels-last layer), a smoothing filter written as a loop over its taps, and a 2D
 pointwise block; lets ``convrewrite.optimize`` pick each site's fastest equal form from this
 device's cost table, prints the report, checks the outputs agree, and times both models.
 """
@@ -38,7 +38,7 @@ class Model(nn.Module):
         self.points = nn.Sequential(  # PointNet's shared per-point MLP, written as Conv1d(k=1)
             nn.Conv1d(8, 32, 1), nn.ReLU(), nn.Conv1d(32, 64, 1), nn.ReLU(), nn.Conv1d(64, 128, 1))
         self.smooth = Smoother(128)
-        self.c2 = nn.Linear(128, 128)  # applied between transposes, as in seed 000
+        self.c2 = nn.Linear(128, 128)  # applied between transposes
         self.mix = nn.Conv2d(16, 32, 1)  # a 1x1 conv in a 2D branch
 
     def forward(self, points, image):

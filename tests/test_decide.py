@@ -133,7 +133,7 @@ def _code_site(first_call_s, runs, key="loop"):
         runs.append(key)
         yield lambda: sum(range(100))
 
-    return Site(None, None, (), None, "as written", "conv loop", "p", source_seconds=first_call_s,
+    return Site(None, None, (), None, decide.AS_WRITTEN, "conv loop", "p", source_seconds=first_call_s,
                 source_runner=runner, source_key=key)
 
 

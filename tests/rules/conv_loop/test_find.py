@@ -56,7 +56,7 @@ def test_a_loop_inside_a_model_is_lifted_with_equal_outputs_and_gradients(optimi
     opt = optimized(model, x)
     assert_same_outputs_and_grads(model, opt, x)
     (row,) = [s for s in opt.report if s.pattern == conv_loop.PATTERN]
-    assert row.path == "taps" and row.original == "as written" and row.chosen.startswith("conv_")
+    assert row.path == "taps" and row.original == "as_written" and row.chosen.startswith("conv_")
     assert opt.state_dict().keys() == model.state_dict().keys()
 
 
