@@ -20,6 +20,9 @@ TABLE, PREDICTED, MEASURED, NONE = "table", "predicted", "measured", "none"
 CONTENDED = "measured under load"  # decided from, never stored
 AS_WRITTEN = "as_written"  # the original of a site whose source is code, not a form (named as the layout chain's)
 AUTO_AGREEMENT = 0.7  # below this share of agreeing neighbours, measure="auto" measures
+# farther than this from its nearest measured entry, a prediction extrapolates (one categorical
+# mismatch is 3.0; SqueezeBERT's [1,768,128] convs, 3.3-5 away, were predicted 3-10x too slow)
+AUTO_REACH = 3.0
 NOISE_SIGMAS = 2.0  # a win must exceed this many times the figures' combined relative noise
 
 
@@ -61,8 +64,9 @@ def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
     2. a measurement of every legal form, if ``options.measure`` is True, or is "auto" and
        the spec kind cannot be predicted (a model's own layout chain, run eagerly);
     3. the table's prediction; with ``measure="auto"`` (the default) a prediction whose
-       neighbours disagree (agreement below ``AUTO_AGREEMENT``), that rests on other machines'
-       figures alone (the shipped table on another CPU), or no prediction at all, is replaced
+       neighbours disagree (agreement below ``AUTO_AGREEMENT``), that extrapolates (no entry
+       measured here within ``AUTO_REACH``), that rests on other machines' figures alone (the
+       shipped table on another CPU), or no prediction at all, is replaced
        by a measurement. Only eager specs are ever
        measured here: inductor figures come from ``python -m convrewrite.profile --executor
        inductor`` (compiling every candidate inside a compile is neither cheap nor safe), and
@@ -86,6 +90,7 @@ def choose(spec, original: str, table: CostTable, options: Options) -> Choice:
         times, source = (table.predict(spec, names, original) if spec.predictable else {}), PREDICTED
         guess = _pick(times, original, allowed, options.margin)
         if auto and (not times or table.agreement(spec, guess, original) < AUTO_AGREEMENT
+                     or table.reach(spec, original) > AUTO_REACH
                      or table.own_share(spec, original) == 0.0):  # another machine's figures alone
             times, source = _measure(table, spec, forms), MEASURED
     if isinstance(times, Timings):

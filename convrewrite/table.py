@@ -185,6 +185,11 @@ class CostTable:
         total = sum(w for w, _ in weights)
         return sum(w for w, own in weights if own) / total if total else 0.0
 
+    def reach(self, spec, original: str) -> float:
+        """Distance (as :meth:`predict` measures it) from ``spec`` to the nearest entry this
+        machine measured (infinite with none): how far a prediction would extrapolate."""
+        return next((d for d, _, _, own in self._neighbours(spec, original) if own), math.inf)
+
     def predict(self, spec, names: list[str], original: str) -> dict[str, float]:
         """Predicted seconds for each form in ``names`` on an unseen spec.
 

@@ -118,6 +118,14 @@ def test_auto_measures_where_only_another_machines_figures_exist(isolated_cache,
     assert choose(SPEC, "conv", t, Options()).source == MEASURED and clock.calls == 1
 
 
+@pytest.mark.parametrize("neighbour, measured", [(ChannelMixSpec(4, 8, 16, (30,)), False),
+                                                  (ChannelMixSpec(1, 768, 768, (128,)), True)])
+def test_auto_measures_where_a_prediction_would_extrapolate(isolated_cache, clock, neighbour, measured):
+    t = table({**ALL, "conv": 9.0}, neighbour)  # agreeing figures, near or far from SPEC
+    assert (t.reach(SPEC, "conv") > decide.AUTO_REACH) is measured
+    assert (choose(SPEC, "conv", t, Options()).source == MEASURED) is measured and clock.calls == int(measured)
+
+
 @pytest.mark.parametrize("noise, expected", [(0.0, True), (0.1, False)])
 def test_a_win_must_exceed_the_noise_as_well_as_the_margin(noise, expected):
     assert beats(0.9, 1.0, margin=1.05, noise=noise) is expected
