@@ -1,5 +1,6 @@
 """optimize() on transformers models built from small configs (random weights, no downloads):
-outputs of the same type and equal, and the pointwise convs and chains found."""
+outputs of the same type and equal, and the pointwise convs and chains found and rewritten
+(the fake clock makes every rewrite win)."""
 
 import pytest
 import torch
@@ -20,19 +21,45 @@ def convnext():
     return transformers.ConvNextModel(config).eval(), (torch.randn(1, 3, 32, 32),)
 
 
+def convbert():
+    config = transformers.ConvBertConfig(vocab_size=100, hidden_size=32, embedding_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, conv_kernel_size=3)
+    return transformers.ConvBertModel(config).eval(), (torch.randint(0, 100, (2, 16)),)
+
+
+def mobilevit():
+    config = transformers.MobileViTConfig(image_size=64, hidden_sizes=[16, 24, 32], num_attention_heads=2,
+                                          neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64])
+    return transformers.MobileViTModel(config).eval(), (torch.randn(1, 3, 64, 64),)
+
+
+def wav2vec2():
+    config = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                         conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    return transformers.Wav2Vec2Model(config).eval(), (torch.randn(2, 800),)
+
+
+def pointwise_convs(model):
+    return sum(isinstance(m, torch.nn.modules.conv._ConvNd) and set(m.kernel_size) == {1} for m in model.modules())
+
+
 @pytest.mark.parametrize("build, part, sites", [
     (squeezebert, None, 16),  # 8 pointwise convs a layer
     (squeezebert, "encoder", 16),
     (convnext, None, 2),  # one channels-last chain a block
+    (convbert, None, 2),  # the pointwise half of each layer's separable conv
+    (mobilevit, None, 21),  # every pointwise conv, those inside its unfold-and-attend blocks too
+    (wav2vec2, None, 0),  # no pointwise conv, and its transpose -> LayerNorm -> Linear has no inverse permute
 ])
 def test_transformers_models_keep_their_outputs_and_sites_are_found(build, part, sites):
     torch.manual_seed(0)
     model, inputs = build()
     if part == "encoder":  # a part of the model, optimized in place: model.encoder = optimize(model.encoder)
-        model.encoder = convrewrite.optimize(model.encoder, measure=False)
+        model.encoder = convrewrite.optimize(model.encoder, measure=True)
         optimized = model
     else:
-        optimized = convrewrite.optimize(model, measure=False)
+        optimized = convrewrite.optimize(model, measure=True)
     with torch.no_grad():
         out = optimized(*inputs)
         again = optimized(*inputs)
@@ -44,4 +71,5 @@ def test_transformers_models_keep_their_outputs_and_sites_are_found(build, part,
     for key in reference.keys():
         torch.testing.assert_close(out[key], reference[key], rtol=1e-4, atol=1e-5)
     report = (model.encoder if part else optimized).report
-    assert report is not None and len(report) >= sites
+    assert report is not None and len(report) >= sites and len(report.rewritten) >= sites
+    assert sum(site.pattern == "pointwise conv" for site in report) == pointwise_convs(model)
