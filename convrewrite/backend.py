@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import distributed
 from .capture import META, TRACING, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
 from .emit import SiteCall
@@ -50,6 +51,8 @@ from .kinds.channel_mix import ChannelMixSpec
 from .kinds.conv import ConvSpec
 from .options import Options
 from .pipeline import rewrite
+from .report import Report
+from .warn import warn_user
 
 log = logging.getLogger(__name__)
 INNER = ("inductor", "eager")
@@ -107,17 +110,50 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
     ``inner`` (the one the figures favour now, the others now or, with ``background``, in a
     background thread); the result runs the fastest of them and holds the report."""
     annotate_from_meta(gm)
-    original = _graph_copy(gm) if pass_options.check else None
-    report = rewrite(gm, pass_options, executor="inductor" if inner == "inductor" else "eager")
+    params = list({id(p): p for p in (*example_inputs, *gm.parameters())
+                   if isinstance(p, nn.Parameter) and p.requires_grad}.values())
+    coordinated = distributed.training(params)
+    as_given = _graph_copy(gm)
+    original = as_given if pass_options.check else None
+    compile_one = functools.partial(_compile, inner, example_inputs=example_inputs, mode=mode)
+    topic = _topic(gm, example_inputs, pass_options, inner) if coordinated else None
+    try:
+        report = _rewritten(gm, pass_options, "inductor" if inner == "inductor" else "eager", topic)
+    except Exception as e:  # a failure of the pass never reaches the user: the graph compiles as given
+        warn_user(f"convrewrite: rewriting a graph failed ({type(e).__name__}: {e}); it compiles as dynamo gave it")
+        report = None
+    if report is None:  # here or (in a job of several processes) on rank 0: no rank rewrites this graph
+        return FastestCompiled({ORIGINAL: (as_given, {})}, compile_one, Report(note="not rewritten: the pass failed"),
+                               params)
     lifted = _lifted_ops(original, gm, report) if original is not None else 0
     if lifted > UNROLLED:
         report = report.noted(f"the graph as dynamo gave it is not compiled: {lifted} ops of unrolled loops "
                               "became convolutions")
         original = None
     variants = _variants(original, gm, report, inner)
-    compile_one = functools.partial(_compile, inner, example_inputs=example_inputs, mode=mode)
-    params = {id(p): p for p in (*example_inputs, *gm.parameters()) if isinstance(p, nn.Parameter) and p.requires_grad}
-    return FastestCompiled(variants, compile_one, report, list(params.values()), background)
+    # ranks would be ready at different calls, and their broadcasts would not pair up
+    return FastestCompiled(variants, compile_one, report, params, background and not coordinated,
+                           topic and f"{topic}\nfastest of {sorted(variants)}")
+
+
+def _topic(gm: fx.GraphModule, example_inputs, options: Options, inner) -> str:
+    """What a decision on ``gm`` is about, the same on every rank that compiles this graph."""
+    inputs = [(tuple(t.shape), tuple(t.stride()), str(t.dtype)) if isinstance(t, torch.Tensor) else repr(t)
+              for t in example_inputs]
+    return f"backend {inner} {options} {inputs}\n{gm.code}"
+
+
+def _rewritten(gm: fx.GraphModule, options: Options, executor: str, topic: str | None):
+    """:func:`~convrewrite.pipeline.rewrite` of ``gm``; in a job of several processes that
+    trains (``topic`` set), as rank 0 decided it (None where rank 0 failed; see
+    :mod:`convrewrite.distributed`)."""
+    if topic is None:
+        return rewrite(gm, options, executor=executor)
+    decided = distributed.decided_once(topic, lambda: rewrite(gm, options, executor=executor))
+    if distributed.deciding() or decided is None:
+        return decided
+    return rewrite(gm, options, executor=executor, decided=decided).noted(
+        f"forms as decided by rank {distributed.DECIDING_RANK}")
 
 
 def settle(timeout: float | None = None) -> bool:
@@ -143,8 +179,9 @@ class FastestCompiled:
     once made; ``only``: the one compiled graph, where there is nothing to choose between (it
     is returned to dynamo itself, with no wrapper around its calls)."""
 
-    def __init__(self, variants: dict, compile_one: Callable, report, params: list, background: bool = False):
-        self.report, self._params = report, params
+    def __init__(self, variants: dict, compile_one: Callable, report, params: list, background: bool = False,
+                 topic: str | None = None):
+        self.report, self._params, self._topic = report, params, topic
         first = REWRITTEN if REWRITTEN in variants else ORIGINAL
         self.compiled = {first: compile_one(*variants[first])}
         rest = {name: v for name, v in variants.items() if name != first}
@@ -173,12 +210,20 @@ class FastestCompiled:
             self.compiled.update(self._pending.result())
             self._pending = None
         # one candidate left where the others failed to compile: nothing to time
-        chosen = self._fastest(args) if len(self.compiled) > 1 else next(iter(self.compiled))
+        chosen = self._timed(args) if len(self.compiled) > 1 else next(iter(self.compiled))
         self.report = self.report.running(chosen)
         if chosen != REWRITTEN and self.report.rewritten:
             self.report = self.report.kept_original(f"kept original: {chosen} ran faster")
         log.info("%s", self.report)
         return chosen
+
+    def _timed(self, args) -> str:
+        """The fastest compiled graph; in a job that trains (``topic`` set), rank 0's (the
+        others time nothing)."""
+        if self._topic is None:
+            return self._fastest(args)
+        chosen = distributed.decided_once(self._topic, lambda: self._fastest(args))
+        return chosen if chosen in self.compiled else ORIGINAL
 
     def _fastest(self, args) -> str:
         times = compiled_times(self.compiled, list(args), self._params)

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .backend import FastestCompiled, compile_graph
 from .check import rewrite_wins, whole_graph_times
 from .options import Options
@@ -49,8 +50,21 @@ class DynamoRoute:
         if not report.rewritten:
             return self.module.forward, report, output
         if self.options.check:
-            report = self._checked(report, args, kwargs)
+            report = self._checked_once(report, args, kwargs)
         return (self._compiled if report.rewritten else self.module.forward), report, output
+
+    def _checked_once(self, report: Report, args: tuple, kwargs: dict) -> Report:
+        """The check's verdict; in a job of several processes that trains, rank 0's (see
+        :mod:`convrewrite.distributed`)."""
+        if not (distributed.training(self.module.parameters()) and self.module.training):
+            return self._checked(report, args, kwargs)
+        topic = (f"dynamo route {type(self.module).__qualname__} {report.signature} {self.options} "
+                 f"{[(s.path, s.key, s.chosen) for s in report]}")
+        checked = distributed.decided_once(topic, lambda: self._checked(report, args, kwargs))
+        if checked is None:
+            return report.kept_original(f"kept original: rank {distributed.DECIDING_RANK} could not check")
+        return checked if distributed.deciding() else checked.noted(
+            f"forms and figures as decided by rank {distributed.DECIDING_RANK}")
 
     def _backend(self, gm, example_inputs):
         compiled = compile_graph(gm, example_inputs, self.options, "eager")

@@ -226,6 +226,8 @@ class ConvRewriteModule(nn.Module):
             if spec is not None and not spec.stale():
                 return spec, NOT_RUN
             spec, output = build()
+            if _fully_sharded(self):
+                spec = _owning_outputs(spec)
             state.specs.pop(key, None)
             if len(state.specs) >= MAX_SPECIALIZATIONS:
                 state.specs.pop(next(iter(state.specs)))
@@ -289,4 +291,34 @@ class ConvRewriteModule(nn.Module):
         self.__dict__.update(state)
         self._reset_state()
 
+
+def _fully_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` wraps ``module``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _owning_outputs(spec: Specialization) -> Specialization:
+    """``spec``, its rewritten graph or compiled forward returning no view (a form's result may
+    be a reshape of its matmul): FSDP2 hooks a wrapped module's outputs for its backward, and
+    an in-place op on a view output (``out += residual``) drops that hook silently (wrong
+    gradients, seen)."""
+    if spec.gm is not None:
+        gm = spec.gm
+        (output,) = (n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(output):
+            output.args = (pytree.tree_map(lambda v: gm.graph.call_function(_owned, (v,))
+                                           if isinstance(v, fx.Node) else v, output.args[0]),)
+        gm.recompile()
+    if spec.compiled is not None:
+        compiled = spec.compiled
+        spec = dataclasses.replace(spec, compiled=lambda *a, **k: pytree.tree_map(_owned, compiled(*a, **k)))
+    return spec
+
+
+def _owned(value):
+    return value.clone() if isinstance(value, torch.Tensor) and value._is_view() else value
 

@@ -95,21 +95,12 @@ class Specializer:
         and the others take its decisions. Evaluation decides per rank: it is often run on one
         rank alone, where waiting for the others would last the process group's timeout.
         ``head`` carries the signature and the note."""
-        if not (distributed.coordinated() and torch.is_grad_enabled() and self.original.training):
+        if not (distributed.training(self.original.parameters()) and self.original.training):
             return self._decided_here(gm, flat, head)
+        topic = f"optimize {type(self.original).__qualname__} {head.signature} {self.options}\n{gm.code}"
+        decided = distributed.decided_once(topic, lambda: self._decided_here(gm, flat, head))
         if distributed.deciding():
-            try:
-                report = self._decided_here(gm, flat, head)
-            except BaseException:
-                distributed.share(None)  # the other ranks must not wait for a decision that will not come
-                raise
-            distributed.share(report)
-            return report
-        try:
-            decided = distributed.share(None)
-        except Exception as e:
-            raise RuntimeError(f"rank {distributed.DECIDING_RANK}'s decision did not arrive (the process group's "
-                               f"timeout bounds the wait): {e}") from e
+            return decided
         if decided is None:
             return head.noted(f"rank {distributed.DECIDING_RANK} could not decide: the original runs on every rank")
         sites = rewrite(gm, self.options, decided=decided).sites

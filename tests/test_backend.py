@@ -316,6 +316,22 @@ def test_an_alternative_that_fails_to_compile_leaves_the_favoured_graph_running(
     assert gated.ran == [0, 0] and backend_reports(caplog)[-1].ran == "rewritten"
 
 
+def test_a_failure_of_the_pass_compiles_the_graph_as_dynamo_gave_it(fake_table, monkeypatch, caplog):
+    from convrewrite import backend
+    model, x = stack(), torch.randn(4, 8, 32)
+    table = table_forcing(fake_table, model, x, "matmul")
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug of the pass")
+
+    monkeypatch.setattr(backend, "rewrite", broken)
+    compiled = torch.compile(model, backend="convrewrite", options={"inner": "eager", "table": str(table)})
+    with caplog.at_level("INFO", logger="convrewrite.backend"), pytest.warns(UserWarning, match="a bug of the pass"):
+        assert_same_outputs_and_grads(model, compiled, x)
+    (report,) = backend_reports(caplog)
+    assert report.ran == "original" and not report.rewritten
+
+
 def test_by_default_alternatives_compile_before_the_first_call_returns(fake_table, caplog):
     model, x = stack(), torch.randn(4, 8, 32)
     recorder = Recorder()
