@@ -131,7 +131,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
                               "became convolutions")
         original = None
     variants = _variants(original, gm, report, inner)
-    # ranks would be ready at different calls, and their broadcasts would not pair up
+    # ranks would be ready at different calls: one waiting in its forward for rank 0's choice,
+    # while rank 0, not ready yet, waits in DDP's all-reduce for it
     return FastestCompiled(variants, compile_one, report, params, background and not coordinated,
                            topic and f"{topic}\nfastest of {sorted(variants)}")
 
