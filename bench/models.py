@@ -36,7 +36,7 @@ from figures import busy, replace_section  # noqa: E402
 
 HERE = Path(__file__).parent
 ORIGINAL = "original"  # a site left as written, whatever its original is called
-MODELS = {  # name: (library, constructor call, input size: an image's side, or a text's tokens)
+MODELS = {  # name: (library, constructor call, input size: an image's side, a text's tokens or audio samples)
     "repvgg_a0": ("timm", "timm.create_model('repvgg_a0')", 224),
     "mobilevit_xxs": ("timm", "timm.create_model('mobilevit_xxs')", 256),
     "mobilenetv3_small_100": ("timm", "timm.create_model('mobilenetv3_small_100')", 224),
@@ -49,8 +49,11 @@ MODELS = {  # name: (library, constructor call, input size: an image's side, or 
     "hf-convbert": ("transformers", "transformers.ConvBertModel(transformers.ConvBertConfig())", 128),
     "hf-mobilevit-small": ("transformers", "transformers.MobileViTModel(transformers.MobileViTConfig())", 256),
     "hf-convnext-tiny": ("transformers", "transformers.ConvNextModel(transformers.ConvNextConfig())", 224),
+    "hf-segformer-b0": ("transformers", "transformers.SegformerModel(transformers.SegformerConfig())", 224),
+    "hf-wav2vec2-base": ("transformers", "transformers.Wav2Vec2Model(transformers.Wav2Vec2Config())", 16000),
 }
 TEXT = ("hf-squeezebert", "hf-convbert")  # inputs are token ids
+AUDIO = ("hf-wav2vec2-base",)  # inputs are samples
 
 
 def build(name: str):
@@ -61,6 +64,8 @@ def build(name: str):
     generator = torch.Generator().manual_seed(1)
     if name in TEXT:
         return model, torch.randint(0, 1000, (1, size), generator=generator)
+    if name in AUDIO:
+        return model, torch.randn(1, size, generator=generator)
     return model, torch.randn(1, 3, size, size, generator=generator)
 
 

@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -403,13 +402,34 @@ def machine() -> str:
     return f"{fp['model']} ({fp['isa']}, {fp['threads']} threads), {platform.system()} {platform.machine()}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def merged_with_last_run(data: dict, command: str) -> tuple[dict, str]:
+    """A partial run (``--only``) merged into the last results: its rows and sections replace
+    theirs, the rest stay, and the header says which rows were re-run, when and how."""
+    try:
+        last = json.loads((HERE / "results.json").read_text())
+    except (OSError, ValueError):
+        return data, command
+    rerun = {(r["workload"], r["mode"]) for r in data.get("workloads", [])}
+    rows = [r for r in last.get("workloads", []) if (r["workload"], r["mode"]) not in rerun] + data.get("workloads", [])
+    order = {w.name: i for i, w in enumerate(WORKLOADS)}
+    rows.sort(key=lambda r: (order.get(r["workload"], len(order)), r["mode"] != "infer"))
+    names = sorted({name for name, _ in rerun} | {k for k in ("grid", "crossover", "roofline", "overhead") if k in data})
+    reruns = [*last.get("reruns", []), {"date": data["date"], "command": command, "rows": names}]
+    merged = {**last, **{k: v for k, v in data.items() if k not in ("date", "machine", "allocator")},
+              "workloads": rows, "reruns": reruns}
+    return merged, last.get("command", "python bench/run.py")
+
+
 def write_results(data: dict, command: str) -> None:
+    data["command"] = command
+    reruns = [f"- re-run on {r['date']}: `{r['command']}` ({', '.join(r['rows'])})" for r in data.get("reruns", [])]
     lines = [
         "# Bench results",
         "",
         f"- date: {data['date']}",
         f"- machine: {data['machine']}",
         f"- command: `{command}`",
+        *reruns,
         f"- allocator: {data['allocator']}; see `steady_allocator` in bench/run.py",
         "- times: `torch.utils.benchmark`, all candidates of a row in interleaved rounds, median round; "
         "ratios are speedups over the original (higher is better); `opt/best` is the optimized model's time "
@@ -455,10 +475,12 @@ def write_results(data: dict, command: str) -> None:
 
 
 def _kept_sections() -> str:
-    """RESULTS.md's sections that other bench scripts write (``<!-- bench:NAME -->`` to
-    ``<!-- /bench:NAME -->``: bench/figures.py's, bench/models.py's), kept as they are."""
+    """RESULTS.md from its first section that another bench script writes (``<!-- bench:NAME
+    -->``: bench/figures.py's, bench/models.py's, ...) to its end, readings between them
+    included, kept as it is."""
     old = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
-    return "".join("\n" + m.group(0) + "\n" for m in re.finditer(r"<!-- bench:([\w:+]+) -->.*?<!-- /bench:\1 -->", old, re.S))
+    start = old.find("<!-- bench:")
+    return "" if start < 0 else "\n" + old[start:]
 
 
 def headline(data: dict, command: str) -> str:
@@ -537,8 +559,10 @@ def main(argv=None) -> int:
     if wanted("overhead"):
         data["overhead"] = bench_overhead(args)
         print(data["overhead"])
-    command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_results(data, command.strip())
+    command = ("python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.only:
+        data, command = merged_with_last_run(data, command)
+    write_results(data, command)
     if not args.only:
         update_readme(data, command.strip())
     return 0

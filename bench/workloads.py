@@ -102,6 +102,31 @@ class OnTransposed(nn.Module):
         return self.conv(x.transpose(1, 2))
 
 
+class PatchTokens(nn.Module):
+    """Tokens from a feature map (``flatten(2).transpose(1, 2)``) into a Linear, as vision
+    transformers embed them: a chain with no permute back."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.embed = nn.Linear(cin, cout)
+
+    def forward(self, x):
+        return self.embed(x.flatten(2).transpose(1, 2))
+
+
+class FeatureProjection(nn.Module):
+    """Wav2Vec2's feature projection on [N, C, T] features: transpose, LayerNorm (whose output
+    is also returned), Linear: a chain with no permute back."""
+
+    def __init__(self, c=512, d=768):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(c), nn.Linear(c, d)
+
+    def forward(self, x):
+        normed = self.norm(x.transpose(1, 2))
+        return self.proj(normed), normed
+
+
 def _conv2d_large():
     return nn.Conv2d(64, 64, 1), (torch.randn(10, 64, 128, 128),)
 
@@ -353,6 +378,10 @@ WORKLOADS = [
     Workload("convnext-block", "ConvNeXt block, [8,96,28,28]", lambda: (ConvNeXtBlock(), (torch.randn(8, 96, 28, 28),))),
     Workload("shared-transpose", "transposed tensor used twice, [32,64,256]",
              lambda: (SharedTranspose(), (torch.randn(32, 64, 256),))),
+    Workload("tokens-linear", "Linear(64,128) on [32,64,8,8].flatten(2).transpose(1,2)",
+             lambda: (PatchTokens(64, 128), (torch.randn(32, 64, 8, 8),))),
+    Workload("feature-projection", "Wav2Vec2 feature projection (LayerNorm, Linear) on [4,512,200]",
+             lambda: (FeatureProjection(), (torch.randn(4, 512, 200),)), train=False),  # two outputs
     Workload("pointnet", "PointNet encoder, [8,3,1024] points", lambda: (PointNetEncoder(), (torch.randn(8, 3, 1024),))),
     Workload("mobilenetv2-block", "MobileNetV2 inverted residual, [8,32,56,56]",
              lambda: (InvertedResidual(), (torch.randn(8, 32, 56, 56),))),

@@ -445,19 +445,31 @@ def test_measuring_with_restricted_forms_still_times_every_form(isolated_cache):
 
 
 # -- layout chains end to end (chains are measured at specialisation, never predicted) ---------
-from .rules.test_layout_chain import ConvFFN, ConvNeXtBlock, Regrouped, Seed000, UsedTwice  # noqa: E402
+from .rules.test_layout_chain import (  # noqa: E402
+    ConvFFN,
+    ConvNeXtBlock,
+    FeatureProjection,
+    PatchTokens,
+    Regrouped,
+    Seed000,
+    UsedTwice,
+)
 
 
 @pytest.mark.parametrize("model, x", [(Seed000(), torch.randn(8, 8, 33)), (ConvFFN(), torch.randn(4, 9, 8)),
-                                      (ConvNeXtBlock(), torch.randn(2, 8, 6, 6)), (UsedTwice(), torch.randn(2, 4, 5))])
+                                      (ConvNeXtBlock(), torch.randn(2, 8, 6, 6)), (UsedTwice(), torch.randn(2, 4, 5)),
+                                      (FeatureProjection(), torch.randn(2, 8, 6)), (PatchTokens(), torch.randn(2, 8, 3, 3))])
 def test_chains_keep_outputs_and_gradients(model, x):
     opt = convrewrite.optimize(model)
     assert_same_outputs_and_grads(model, opt, x)
     with torch.no_grad():
-        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+        got, expected = opt(x), model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert got.stride() == expected.stride()  # an open chain returns the layout the source does
     chains = [s for s in opt.report if s.pattern == "layout chain"]
-    assert len(chains) == (0 if isinstance(model, UsedTwice) else 1)
+    assert len(chains) == 1
     assert all(s.source == "measured" and s.t_original for s in chains)
+    assert len(opt.report.rewritten) == len(chains)
 
 
 def test_forced_chain_rewrite_removes_the_permutes(fake_table, tmp_path):
@@ -476,6 +488,23 @@ def test_forced_chain_rewrite_removes_the_permutes(fake_table, tmp_path):
     assert not [n for n in gm.graph.nodes if n.target == "permute"]
     (chain,) = [s for s in opt.report if s.pattern == "layout chain"]
     assert chain.chosen == "channels_first_matmul" and "removes 2 permutes" in chain.note
+
+
+def test_a_table_file_written_again_is_read_again(tmp_path):
+    from convrewrite.table import CostTable, fingerprint
+    model, x = Seed000(), torch.randn(2, 8, 5)
+    with torch.no_grad():
+        (site,) = convrewrite.explain(model, x, measure=False)
+    chosen = []
+    for winner in ("channels_first_conv", "channels_first_matmul"):
+        table = CostTable(fingerprint("cpu"), profiled=True)
+        table.add(site.key, {"as_written": 2.0, "channels_first_conv": 3.0, "channels_first_matmul": 3.0, winner: 1.0}, {})
+        table.write(tmp_path / "t.json", merge=False)
+        opt = convrewrite.optimize(model, table=tmp_path / "t.json")
+        with torch.no_grad():
+            opt(x)
+        chosen += [s.chosen for s in opt.report]
+    assert chosen == ["channels_first_conv", "channels_first_matmul"]
 
 
 @pytest.mark.parametrize("form", ["channels_first_conv", "channels_first_matmul"])  # the input is not channels-last

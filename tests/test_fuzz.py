@@ -33,6 +33,19 @@ class ChainBlock(nn.Module):
         return (y + t if self.reuse else y).movedim(-1, 1)
 
 
+class Tokens(nn.Module):
+    """Tokens from the pixels (flatten, transpose), a Linear, and the map made again: an open
+    chain, as the permute back comes after a reshape."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        y = self.lin(x.flatten(2).transpose(1, 2))
+        return y.reshape(x.shape[0], *x.shape[2:], y.shape[-1]).movedim(-1, 1)
+
+
 class Twice(nn.Module):
     """The same pointwise conv applied twice (shared weights), with an in-place op between."""
 
@@ -53,7 +66,8 @@ def cases(draw):
     c0 = c = draw(st.sampled_from([2, 4, 6]))
     layers = []
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["pointwise", "grouped", "strided", "k3", "reflect", "chain", "twice", "bn", "act"]))
+        kind = draw(st.sampled_from(["pointwise", "grouped", "strided", "k3", "reflect", "chain", "tokens", "twice", "bn",
+                                           "act"]))
         out = draw(st.sampled_from([2, 4, 6]))
         if kind == "pointwise":
             layers.append(conv(c, out, 1, bias=draw(st.booleans()), padding=draw(st.sampled_from([0, 1]))))
@@ -67,6 +81,7 @@ def cases(draw):
             layers.append({"k3": lambda: conv(c, c, 3, padding=1),
                            "reflect": lambda: conv(c, c, 1, padding=1, padding_mode="reflect"),
                            "chain": lambda: ChainBlock(c, reuse=draw(st.booleans())),
+                           "tokens": lambda: Tokens(c),
                            "twice": lambda: Twice(conv(c, c, 1)),
                            "bn": lambda: (nn.BatchNorm1d, nn.BatchNorm2d)[nd - 1](c),
                            "act": nn.GELU}[kind]())

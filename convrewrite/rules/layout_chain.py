@@ -1,4 +1,4 @@
-"""Rule: channel-wise chains between a permutation and its inverse.
+"""Rule: channel-wise chains after a permutation, up to its inverse or open.
 
 Finds ``transpose``/``permute``/``movedim``/``.mT`` that moves the channels from dim 1 to the
 last dim (or back), followed by a chain of ops along the moved channel axis, ending in the
@@ -8,14 +8,20 @@ arithmetic with Python numbers, ``.contiguous()`` and ``Dropout(p=0)``. Channels
 may also regroup the other dims (``reshape``/``view``/``flatten``/``unflatten`` keeping the
 channels last, e.g. ``[N, H, W, C] -> [N, H*W, C]`` and back): channel-wise ops commute with
 that, and a reshape keeps the elements' order, so reshapes that end in the shape they began
-with cancel. Every value inside the chain must have exactly one user: a permuted tensor used
-elsewhere keeps the chain as written.
+with cancel. Every value inside the chain must have exactly one user. A permuted tensor read
+by several ops starts a chain at each of them that is one, and stays for the others.
+
+A chain with no inverse permutation (Wav2Vec2's ``transpose(1, 2) -> LayerNorm``, an audio
+model's ``transpose(1, 2) -> Linear``) is an open chain: it ends at its last chain op before
+a value with several users, a regrouping or an op of another kind, and counts only if it
+mixes or normalises the channels. Its output keeps the permuted layout.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -48,58 +54,96 @@ def find(gm: fx.GraphModule):
     permutation that ends one chain and starts the next belongs to the first."""
     claimed = set()
     for node in gm.graph.nodes:
-        site = _chain_from(gm, node)
-        if site is not None and claimed.isdisjoint((*site.nodes, site.node)):
-            claimed.update((*site.nodes, site.node))
-            yield site
+        for site in _chains_from(gm, node):
+            if claimed.isdisjoint((*site.nodes, site.node)):
+                claimed.update((*site.nodes, site.node))
+                yield site
 
 
-def _chain_from(gm, entry: fx.Node) -> Site | None:
+def _chains_from(gm, entry: fx.Node):
+    """The chains that start at ``entry``, if it is a permutation: one per user (a permuted
+    tensor read by several ops stays in the graph for those that are not chains)."""
     x = info(entry.args[0]) if entry.args else None
     if x is None or x.dtype not in FLOAT_DTYPES or len(x.shape) < 3 or math.prod(x.shape) == 0:
-        return None
+        return
     perm = _permutation(entry, len(x.shape))
     n = len(x.shape)
     to_last, to_first = (0, *range(2, n), 1), (0, n - 1, *range(1, n - 1))
-    for axis, wanted in (("first", to_last), ("last", to_first)):
-        if perm == wanted:
-            site = _walk(gm, entry, axis, x)
+    for user in list(entry.users):
+        for axis, wanted in (("first", to_last), ("last", to_first)):
+            site = _walk(gm, entry, user, axis, x) if perm == wanted else None
             if site is not None:
-                return site
-    return None
+                yield site
+                break
 
 
-def _walk(gm, entry: fx.Node, axis: str, x) -> Site | None:
-    """Follow single-user ops from ``entry`` to the inverse permutation."""
-    channels_last_inside = axis == "first"
+class _Step(NamedTuple):
+    node: fx.Node
+    op: tuple | None  # None: a regrouping of the other dims, which must cancel by the end
+    params: tuple
+    channels: int  # after the op
+
+
+def _walk(gm, entry: fx.Node, user: fx.Node, axis: str, x) -> Site | None:
+    """Follow single-user chain ops from ``user`` of ``entry`` to the inverse permutation, or
+    as far as they go (an open chain)."""
+    n, channels_last_inside = len(x.shape), axis == "first"
     channels = x.shape[1] if axis == "first" else x.shape[-1]
-    ops, params, nodes, y = [], [], [entry], entry
+    steps, y = [], entry
     while True:
-        if len(y.users) != 1:
-            return None
-        (user,) = y.users
-        if _permutation(user, len(x.shape)) == _inverse(_permutation(entry, len(x.shape))):
-            break
+        if _permutation(user, n) == _inverse(_permutation(entry, n)):
+            return _closed(entry, steps, user, axis, x) or _open(entry, steps, axis, x)
         step = _op(gm, user, y, channels, channels_last_inside)
         if step is None:
-            return None
-        op, op_params, channels = step
-        if op is not None:  # None: a regrouping of the other dims, checked to cancel at the end
-            ops.append(op)
-        params.extend(op_params)
-        nodes.append(user)
-        y = user
-    if not any(op.op != "contiguous" for op in ops):
+            break
+        steps.append(_Step(user, *step))
+        y, channels = user, step[2]
+        if len(y.users) != 1:
+            break
+        (user,) = y.users
+    return _open(entry, steps, axis, x)
+
+
+def _closed(entry, steps, exit_node, axis, x) -> Site | None:
+    """The site of a chain that ends in the inverse permutation, if its regroupings cancel."""
+    inside = info(entry).shape
+    channels = steps[-1].channels if steps else (inside[-1] if axis == "first" else inside[1])
+    expected = (*inside[:-1], channels) if axis == "first" else (inside[0], channels, *inside[2:])
+    if tuple(info(steps[-1].node if steps else entry).shape) != tuple(expected):
         return None
-    out, inside = info(user), info(entry).shape
-    expected = (*inside[:-1], channels) if channels_last_inside else (inside[0], channels, *inside[2:])
-    if out is None or tuple(info(y).shape) != tuple(expected):  # reshapes inside did not cancel
+    return _site(entry, steps, exit_node, axis, x)
+
+
+def _open(entry, steps, axis, x) -> Site | None:
+    """The site of a chain with no inverse permutation, up to its first regrouping, if it
+    mixes or normalises the channels (the ops whose speed depends on the layout)."""
+    regrouping = next((i for i, step in enumerate(steps) if step.op is None), len(steps))
+    steps = steps[:regrouping]
+    if not any(step.op.op in ("mix", "ln") for step in steps):
         return None
-    spec = ChainSpec(tuple(x.shape), axis, tuple(ops), str(x.dtype).removeprefix("torch."), x.device.type,
-                     x.layout, out.requires_grad, x.requires_grad)
-    removed = sum(op.op == "contiguous" for op in ops)
-    note = f"removes 2 permutes{f' and {removed} copies' if removed else ''}"
-    return Site(user, entry.args[0], tuple(params), spec, ORIGINAL, PATTERN, _path(nodes), tuple(nodes), note)
+    return _site(entry, steps, steps[-1].node, axis, x)
+
+
+def _site(entry, steps, exit_node, axis, x) -> Site | None:
+    ops = tuple(step.op for step in steps if step.op is not None)
+    out = info(exit_node)
+    if out is None or not any(op.op != "contiguous" for op in ops):
+        return None
+    permutes_back = not steps or exit_node is not steps[-1].node
+    spec = ChainSpec(tuple(x.shape), axis, ops, str(x.dtype).removeprefix("torch."), x.device.type, x.layout,
+                     out.requires_grad, x.requires_grad, permutes_back=permutes_back)
+    shared = len(entry.users) > 1  # the entry stays for its other users
+    nodes = (*(() if shared else (entry,)), *(step.node for step in steps if step.node is not exit_node))
+    params = tuple(p for step in steps for p in step.params)
+    return Site(exit_node, entry.args[0], params, spec, ORIGINAL, PATTERN, _path((*nodes, exit_node)), nodes,
+                _note(ops, permutes_back + (not shared), permutes_back))
+
+
+def _note(ops, removed: int, permutes_back: bool) -> str:
+    copies = sum(op.op == "contiguous" for op in ops)
+    said = [f"removes {removed} permute{'s' if removed > 1 else ''}"] if removed else []
+    said += [f"{copies} cop{'ies' if copies > 1 else 'y'}"] if copies else []
+    return " and ".join(said) + ("" if permutes_back else "; permutes the output instead")
 
 
 def _op(gm, node: fx.Node, y: fx.Node, channels: int, channels_last: bool):

@@ -126,12 +126,21 @@ class LayerNormOverTwoDims(nn.Module):
         return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
-@pytest.mark.parametrize("model, x", [
-    (UsedTwice(), torch.randn(2, 4, 5)), (NotInverse(), torch.randn(2, 4, 3, 3)),
-    (WithDropout(), torch.randn(2, 4, 5)), (LayerNormOverTwoDims(), torch.randn(2, 4, 5)),
-])
-def test_leaves_other_chains_alone(model, x):
-    assert chains_of(model, x) == []
+def test_leaves_other_chains_alone():
+    assert chains_of(LayerNormOverTwoDims(), torch.randn(2, 4, 5)) == []
+
+
+def test_a_permuted_tensor_read_twice_stays_for_its_other_reader():
+    (site,) = chains_of(UsedTwice(), torch.randn(2, 4, 5))
+    assert site.spec.permutes_back and [n.target for n in site.nodes] == ["lin"]
+    assert site.x.name == "x" and site.note == "removes 1 permute"
+
+
+@pytest.mark.parametrize("model, x", [(NotInverse(), torch.randn(2, 4, 3, 3)), (WithDropout(), torch.randn(2, 4, 5))])
+def test_a_chain_that_does_not_reach_the_inverse_is_open_up_to_its_last_chain_op(model, x):
+    (site,) = chains_of(model, x)
+    assert not site.spec.permutes_back and [op.op for op in site.spec.ops] == ["mix"]
+    assert site.node.target in ("lin", "c2") and site.note == "removes 1 permute; permutes the output instead"
 
 
 def test_adjacent_chains_do_not_share_a_permutation():
@@ -195,3 +204,60 @@ def test_an_in_place_activation_writing_into_the_input_is_left_alone():
             return self.lin(self.act(x.permute(0, 2, 1))).permute(0, 2, 1) + x  # x itself is changed
 
     assert chains_of(InPlace(), torch.randn(2, 4, 5)) == []
+
+
+class FeatureProjection(nn.Module):
+    """Wav2Vec2's feature projection: channels to last, LayerNorm (its output used twice), Linear."""
+
+    def __init__(self, c=8, d=12):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(c), nn.Linear(c, d)
+
+    def forward(self, x):
+        normed = self.norm(x.transpose(1, 2))
+        return self.proj(normed) + normed.mean(-1, keepdim=True)
+
+
+class PatchTokens(nn.Module):
+    """Tokens from a feature map, as vision transformers write it: flatten, transpose, Linear."""
+
+    def __init__(self, c=8, d=12):
+        super().__init__()
+        self.embed = nn.Linear(c, d)
+
+    def forward(self, x):
+        return F.gelu(self.embed(x.flatten(2).transpose(1, 2)))
+
+
+def test_an_open_chain_ends_before_a_value_with_several_users():
+    (site,) = chains_of(FeatureProjection(), torch.randn(2, 8, 6))
+    assert not site.spec.permutes_back and [op.op for op in site.spec.ops] == ["ln"]
+    assert site.node.target == "norm" and site.params == ("norm.weight", "norm.bias")
+
+
+def test_tokens_from_a_feature_map_are_an_open_chain():
+    (site,) = chains_of(PatchTokens(), torch.randn(2, 8, 3, 3))
+    assert site.spec.shape == (2, 8, 9) and site.spec.channel_axis == "first" and not site.spec.permutes_back
+    assert [getattr(op, "name", op.op) for op in site.spec.ops] == ["mix", "gelu"]
+
+
+def test_an_open_chain_that_only_moves_values_is_left_alone():
+    class Relu(nn.Module):
+        def forward(self, x):
+            return torch.relu(x.transpose(1, 2)) * 2.0
+
+    assert chains_of(Relu(), torch.randn(2, 8, 6)) == []
+
+
+def test_a_permute_after_a_reshape_to_more_dims_is_not_the_inverse():
+    class TokensToMap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            n, c, h, w = x.shape
+            return self.lin(x.flatten(2).transpose(1, 2)).reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+    (site,) = chains_of(TokensToMap(), torch.randn(2, 8, 3, 3))
+    assert not site.spec.permutes_back and site.node.target == "lin" and site.spec.shape == (2, 8, 9)

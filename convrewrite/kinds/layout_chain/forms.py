@@ -5,7 +5,9 @@ The chain's ops are the records of :mod:`.spec` (``Mix``, ``LayerNorm``, ...).
 ``as_written`` permutes, runs the ops along the permuted channel axis and permutes back, as
 the source does. The other forms drop both permutes and run the ops along the input's own
 channel axis: a LayerNorm over dim 1 is computed from its definition (mean and biased
-variance over the channels, same eps), so it is the same function.
+variance over the channels, same eps), so it is the same function. An open chain (no inverse
+permute in the source) ends in the permuted layout: there the other forms permute their
+result once, into a contiguous tensor as the source's last mix or LayerNorm returns it.
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def _from_inner(y, spec):
     return y.movedim(-1, 1) if spec.channel_axis == "first" else y.movedim(1, -1)
 
 
+def _as_source_ends(y, spec):
+    """``y``, computed along the input's own channel axis, in the layout the source returns."""
+    return y if spec.permutes_back else _to_inner(y, spec).contiguous()
+
+
 def _channels_first_input(spec) -> bool:
     return spec.channel_axis == "first"
 
@@ -109,25 +116,25 @@ def _channels_last_input(spec) -> bool:
 
 @register_form(KIND, ORIGINAL)
 def as_written(x, *params, spec):
-    """Permute, run the chain along the permuted channel axis, permute back (the source)."""
+    """Permute, run the chain along the permuted channel axis, permute back if the source does."""
     inner_last = spec.channel_axis == "first"
     y = _run(spec.ops, _to_inner(x, spec), params, inner_last, _mix_linear if inner_last else _mix_conv, True)
-    return _from_inner(y, spec)
+    return _from_inner(y, spec) if spec.permutes_back else y
 
 
 @register_form(KIND, "channels_first_conv", supports=_channels_first_input)
 def channels_first_conv(x, *params, spec):
     """No permutes: the chain along dim 1, each mix a 1x1 conv."""
-    return _run(spec.ops, x, params, False, _mix_conv, False)
+    return _as_source_ends(_run(spec.ops, x, params, False, _mix_conv, False), spec)
 
 
 @register_form(KIND, "channels_first_matmul", supports=_channels_first_input)
 def channels_first_matmul(x, *params, spec):
     """No permutes: the chain along dim 1, each mix ``W @ x`` batched over N."""
-    return _run(spec.ops, x, params, False, _mix_matmul, False)
+    return _as_source_ends(_run(spec.ops, x, params, False, _mix_matmul, False), spec)
 
 
 @register_form(KIND, "channels_last_linear", supports=_channels_last_input)
 def channels_last_linear(x, *params, spec):
     """No permutes: the chain along the last dim, each mix an ``F.linear``."""
-    return _run(spec.ops, x, params, True, _mix_linear, False)
+    return _as_source_ends(_run(spec.ops, x, params, True, _mix_linear, False), spec)

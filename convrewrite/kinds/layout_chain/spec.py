@@ -1,4 +1,4 @@
-"""The layout-chain spec: channel-wise ops between a permutation and its inverse."""
+"""The layout-chain spec: channel-wise ops after a permutation, up to its inverse or open."""
 
 from __future__ import annotations
 
@@ -92,14 +92,16 @@ def chain_op(values: tuple) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class ChainSpec(SpecBase):
-    """A channel-wise chain between a permutation and its inverse, e.g. ConvNeXt's
+    """A channel-wise chain after a permutation, e.g. ConvNeXt's
     ``permute(0,2,3,1) -> LayerNorm -> Linear -> GELU -> Linear -> gamma * x -> permute(0,3,1,2)``.
 
     ``shape`` is the region input ``x``; its channels sit at dim 1 (``channel_axis="first"``,
     the chain works channels-last) or at the last dim (``"last"``, the chain works
     channels-first). ``ops`` is the chain, in order, as op records (:class:`Mix`,
     :class:`LayerNorm`, ...: tuples whose first field names the op; plain tuples are turned
-    into records).
+    into records). ``permutes_back``: the chain ends in the inverse permutation; without it
+    (an open chain, e.g. Wav2Vec2's ``transpose(1, 2) -> LayerNorm``) its output keeps the
+    permuted layout, contiguous as the last mix or LayerNorm leaves it.
     Chains are model-specific, so their figures are measured, never predicted.
     """
 
@@ -115,6 +117,7 @@ class ChainSpec(SpecBase):
     grad: bool = False
     input_grad: bool = True
     executor: str = "eager"
+    permutes_back: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "ops", tuple(chain_op(tuple(op)) for op in self.ops))
@@ -122,12 +125,13 @@ class ChainSpec(SpecBase):
     def key(self) -> str:
         ops = ";".join(",".join(map(str, op)) for op in self.ops)
         return (f"{self.kind}|{'x'.join(map(str, self.shape))}|{self.channel_axis}|{ops}|{self.dtype}|{self.device}"
-                f"|{self.in_layout}|{self.mode}|{self.executor}")
+                f"|{self.in_layout}|{self.mode}|{self.executor}{'' if self.permutes_back else '|open'}")
 
     def describe(self) -> str:
         """A short human-readable form, for reports."""
         names = [getattr(op, "name", op.op) for op in self.ops]
-        return f"{list(self.shape)} {' > '.join(map(str, names))} {self.dtype}"
+        end = "" if self.permutes_back else ", no inverse permute"
+        return f"{list(self.shape)} {' > '.join(map(str, names))} {self.dtype}{end}"
 
     def param_shapes(self) -> list[tuple[int, ...] | None]:
         """Shapes of the params the ops read, in order (None where an op has no such param)."""

@@ -23,14 +23,15 @@ CHAINS = [
 
 
 # a channels-last memory layout only exists for inputs whose channels are at dim 1
-CASES = [(*chain, layout) for chain in CHAINS for layout in (CHANNELS_FIRST, CHANNELS_LAST)
-         if layout == CHANNELS_FIRST or chain[0] == "first"]
+# and every chain also open: no inverse permute at its end
+CASES = [(*chain, layout, back) for chain in CHAINS for layout in (CHANNELS_FIRST, CHANNELS_LAST)
+         for back in (True, False) if layout == CHANNELS_FIRST or chain[0] == "first"]
 
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-9), ("float32", 2e-5)])
-@pytest.mark.parametrize("axis, shape, ops, layout", CASES)
-def test_every_form_equals_the_chain_as_written(axis, shape, ops, layout, dtype, tol):
-    spec = ChainSpec(shape, axis, ops, dtype=dtype, in_layout=layout, grad=True)
+@pytest.mark.parametrize("axis, shape, ops, layout, back", CASES)
+def test_every_form_equals_the_chain_as_written(axis, shape, ops, layout, back, dtype, tol):
+    spec = ChainSpec(shape, axis, ops, dtype=dtype, in_layout=layout, grad=True, permutes_back=back)
     args = spec.example_inputs(torch.Generator().manual_seed(0))
     inputs = [t for t in args if t is not None]
     ref = as_written(*args, spec=spec)
@@ -56,7 +57,18 @@ def test_key_distinguishes_chains():
     a = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, False),))
     b = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, True),))
     c = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, False),), grad=True)
-    assert len({a.key(), b.key(), c.key()}) == 3
+    d = ChainSpec((1, 4, 3), "first", (("mix", 4, 4, False),), permutes_back=False)
+    assert len({a.key(), b.key(), c.key(), d.key()}) == 4
+
+
+def test_an_open_chain_ends_in_the_permuted_layout_as_the_source_leaves_it():
+    spec = ChainSpec((2, 8, 5), "first", (("ln", 8, 1e-5, True, True), ("mix", 8, 6, True)), permutes_back=False)
+    args = spec.example_inputs(torch.Generator().manual_seed(0))
+    expected = as_written(*args, spec=spec)
+    assert expected.shape == (2, 5, 6) and expected.is_contiguous()
+    for form in forms_for(spec):
+        out = form(*args, spec=spec)
+        assert out.shape == expected.shape and out.stride() == expected.stride(), form.name
 
 
 def test_layer_norm_over_dim1_is_as_accurate_as_layer_norm_in_bfloat16():
