@@ -21,7 +21,7 @@ from .options import Options
 from .report import Report, SiteReport
 from .rules import rules
 from .site import Site
-from .table import CostTable, load_table, user_table_path
+from .table import CostTable, file_state, load_table, user_table_path
 
 log = logging.getLogger(__name__)
 PROGRESS_AFTER_S = 2.0  # a first call that decides for longer than this shows a bar
@@ -32,21 +32,12 @@ def table_for(device: str, options: Options) -> CostTable:
     option, that file as last written): what this process measures is added to the loaded
     table as it writes it, and a ``table=`` file written again since is read again."""
     table_path = os.fspath(options.table) if options.table else None
-    return _loaded(device, os.fspath(user_table_path(device)), table_path, _written(table_path))
+    return _loaded(device, os.fspath(user_table_path(device)), table_path, file_state(table_path))
 
 
 @functools.lru_cache(maxsize=16)
 def _loaded(device: str, user_path: str, table_path: str | None, written: tuple | None) -> CostTable:
     return load_table(device, table_path)
-
-
-def _written(path: str | None) -> tuple | None:
-    """When and what ``path`` was last written (None if there is no such file)."""
-    try:
-        stat = os.stat(path)
-    except (TypeError, OSError):
-        return None
-    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager", decided: Report | None = None) -> Report:

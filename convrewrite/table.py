@@ -3,7 +3,9 @@
 One file per device fingerprint lives in the user cache dir (``$CONVREWRITE_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/convrewrite``, else ``~/.cache/convrewrite``). A default CPU table
 ships in the package. Writes are atomic (temp file + ``os.replace``) and merge with what is
-on disk under a file lock, so concurrent profiles never lose each other's entries.
+on disk under a file lock, so concurrent profiles never lose each other's entries; where that
+lock is advisory only (machines sharing a cache dir), a write whose file changed while it
+merged merges again.
 
 Only this machine's own clean figures are exact: a table whose fingerprint differs (the
 shipped one on another CPU, thread count or torch version) is a *prior*, used to predict and
@@ -43,6 +45,7 @@ CATEGORY_PENALTY = 3.0  # distance, in log2 units of size, of one categorical mi
 PRIOR_PENALTY = 1.0  # distance added to another machine's entries: this machine's own rank first
 HEAL_FACTOR = 4.0  # a figure this many times off what its nearest neighbours predict is dropped on load
 HEAL_NEIGHBOURS = 4
+MERGE_TRIES = 5
 
 
 class TableError(ValueError):
@@ -113,21 +116,32 @@ class CostTable:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with _locked(path):
-                merged = self._merged_with_disk(path) if merge else self
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-                try:
-                    with os.fdopen(fd, "w") as f:
-                        json.dump(merged.to_json(), f, indent=1, sort_keys=True)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
+                self._replace(path, merge)
         except OSError as e:
             warnings.warn(f"convrewrite: could not write cost table {path}: {e}; timings kept in memory only", stacklevel=2)
             return False
         return True
+
+    def _replace(self, path: Path, merge: bool) -> None:
+        """Write the merged table beside ``path`` and move it into place. Where the lock is
+        advisory only (a cache dir on a file system that machines share), another writer can
+        replace the file between our read and our move: the merge is redone (up to
+        ``MERGE_TRIES`` times) when the file changed meanwhile, so neither loses its entries."""
+        for attempt in range(MERGE_TRIES):
+            seen = file_state(path)
+            merged = self._merged_with_disk(path) if merge else self
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(merged.to_json(), f, indent=1, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if not merge or attempt == MERGE_TRIES - 1 or file_state(path) == seen:
+                    os.replace(tmp, path)
+                    return
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     def _merged_with_disk(self, path: Path) -> "CostTable":
         try:
@@ -254,6 +268,15 @@ def _parsed(key: str) -> tuple | None:
     per process; None for keys of other kinds."""
     spec = parse_key(key)
     return None if spec is None else (spec, *spec.features())
+
+
+def file_state(path: str | os.PathLike | None) -> tuple | None:
+    """When and what ``path`` was last written (None if there is no such file)."""
+    try:
+        stat = os.stat(path)
+    except (TypeError, OSError):
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 @contextlib.contextmanager

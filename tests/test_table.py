@@ -1,5 +1,6 @@
 """Cost-table files: round trip, device isolation, damaged files, atomic merging writes, prediction."""
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -136,6 +137,44 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         p.join()
     assert len(CostTable.read(path).entries) == 40
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def _write_many_unlocked(path, worker):
+    table_module._locked = lambda path: contextlib.nullcontext()  # this (forked) process only
+    _write_many(path, worker)
+
+
+def test_writers_whose_lock_excludes_nothing_never_leave_a_partial_file(tmp_path):
+    # machines sharing a cache dir over a network file system: flock may exclude nothing
+    path = tmp_path / "t.json"
+    table_with([]).write(path)
+    procs = [multiprocessing.get_context("fork").Process(target=_write_many_unlocked, args=(path, w))
+             for w in range(2)]
+    for p in procs:
+        p.start()
+    while any(p.is_alive() for p in procs):
+        CostTable.read(path)  # a partial or corrupt file raises TableError
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert {ChannelMixSpec.from_key(k).batch for k in CostTable.read(path).entries} == {1, 2}
+
+
+def test_a_write_overtaken_between_its_read_and_its_move_merges_again(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    monkeypatch.setattr(table_module, "_locked", lambda path: contextlib.nullcontext())
+    read = CostTable._merged_with_disk
+    overtaken = []
+
+    def read_then_overtaken(self, file):
+        merged = read(self, file)
+        if not overtaken:  # another machine's write lands after our read
+            overtaken.append(file)
+            table_with([(OTHER, {"conv": 2.0})]).write(file)
+        return merged
+    monkeypatch.setattr(CostTable, "_merged_with_disk", read_then_overtaken)
+    assert table_with([(SPEC, {"conv": 1.0})]).write(path)
+    assert overtaken == [path] and set(CostTable.read(path).entries) == {SPEC.key(), OTHER.key()}
 
 
 def test_stale_form_timings_are_dropped(tmp_path):
