@@ -68,15 +68,21 @@ _PENDING_LOCK = threading.Lock()
 
 
 def annotate_from_meta(gm: fx.GraphModule) -> None:
-    """Annotate every node whose ``example_value`` is a tensor of concrete (non-symbolic) size."""
+    """Annotate every node whose ``example_value`` is a plain tensor of concrete (non-symbolic) size."""
     for node in gm.graph.nodes:
         value = node.meta.get("example_value", node.meta.get("val"))
-        if isinstance(value, torch.Tensor) and value.layout == torch.strided and _concrete(value):
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided and _plain(value) and _concrete(value):
             node.meta[META] = TensorInfo.of(value)
 
 
 def _concrete(t: torch.Tensor) -> bool:
     return all(isinstance(v, int) for v in (*t.shape, *t.stride()))
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Not a functorch wrapper (a value from inside ``vmap`` or ``grad``, as Mamba's scan makes):
+    such a value cannot be read outside its transform."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def parse_options(options: dict | None) -> tuple[Options, Callable | str, bool]:
@@ -109,7 +115,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
     """The backend's work on one dynamo graph: rewrite it, compile it and its variants with
     ``inner`` (the one the figures favour now, the others now or, with ``background``, in a
     background thread); the result runs the fastest of them and holds the report."""
-    annotate_from_meta(gm)
     params = list({id(p): p for p in (*example_inputs, *gm.parameters())
                    if isinstance(p, nn.Parameter) and p.requires_grad}.values())
     coordinated = distributed.training(params)
@@ -118,6 +123,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
     compile_one = functools.partial(_compile, inner, example_inputs=example_inputs, mode=mode)
     topic = _topic(gm, example_inputs, pass_options, inner) if coordinated else None
     try:
+        annotate_from_meta(gm)
         report = _rewritten(gm, pass_options, "inductor" if inner == "inductor" else "eager", topic)
     except Exception as e:  # a failure of the pass never reaches the user: the graph compiles as given
         warn_user(f"convrewrite: rewriting a graph failed ({type(e).__name__}: {e}); it compiles as dynamo gave it")

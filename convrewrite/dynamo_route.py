@@ -9,6 +9,12 @@ backend and the eager executor: each graph dynamo captures is rewritten, verifie
 checked against itself as captured (:func:`convrewrite.backend.compile_graph`), and runs as
 plain torch ops, gradients included.
 
+Dynamo keeps at most ``recompile_limit`` (8) graphs per code object, and then runs the frame
+as written for good. Every input length is a signature of its own, and transformers models
+all share their decorators' code, so each optimized module compiles into its own entries
+(``isolate_recompiles``, torch >= 2.13) with room for every signature it keeps; on older
+torch the limit is raised while a signature is captured.
+
 Dynamo's frame costs some microseconds a call, and graph breaks cost more: a call signature
 keeps the compiled forward only if that, timed warm against the module's own forward, wins
 by the check's margin (:mod:`convrewrite.check`); otherwise, and wherever no graph was
@@ -17,6 +23,8 @@ rewritten, the module's own forward runs with no dynamo at all.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import threading
 from typing import Callable
 
@@ -29,13 +37,17 @@ from .check import rewrite_wins, whole_graph_times
 from .options import Options
 from .report import Report
 
+RECOMPILE_LIMIT = 64  # graphs per frame of one optimized module: one per signature it keeps
+_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
 
 class DynamoRoute:
     """The compiled forward of one module, and what its first call under each signature decided."""
 
     def __init__(self, module: nn.Module, options: Options):
         self.module, self.options = module, options
-        self._compiled = torch.compile(module.forward, backend=self._backend, dynamic=False)
+        isolated = {"isolate_recompiles": True, "recompile_limit": RECOMPILE_LIMIT} if _ISOLATES else {}
+        self._compiled = torch.compile(module.forward, backend=self._backend, dynamic=False, **isolated)
         self._new: list[FastestCompiled] = []  # graphs compiled during the call being specialised
         self._lock = threading.RLock()
 
@@ -45,7 +57,8 @@ class DynamoRoute:
         callable, its report, and this call's output."""
         with self._lock:
             self._new = []
-            output = self._compiled(*args, **kwargs)
+            with _room_to_recompile():
+                output = self._compiled(*args, **kwargs)
             report = _merged([c.report for c in self._new], signature)
         if not report.rewritten:
             return self.module.forward, report, output
@@ -79,6 +92,14 @@ class DynamoRoute:
             return report.kept_original("kept original: the compiled forward was not faster than the module's "
                                         "own").noted(line)
         return report.noted(line)
+
+
+def _room_to_recompile():
+    """Where ``torch.compile`` cannot isolate a module's entries, the recompile limit raised
+    while a signature is captured (entries of every module that shares the code count)."""
+    if _ISOLATES:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))
 
 
 def _merged(reports: list[Report], signature: str) -> Report:

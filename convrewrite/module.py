@@ -22,12 +22,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from .dynamo_route import RECOMPILE_LIMIT
 from .hooks import global_hooks, has_hooks, own_hooks
 from .options import Options
 from .report import Report
 from .specialize import NOT_RUN, Specialization, Specializer
 
-MAX_SPECIALIZATIONS = 64  # input signatures kept per module; the oldest is dropped beyond that
+MAX_SPECIALIZATIONS = RECOMPILE_LIMIT  # input signatures kept per module; the oldest is dropped beyond that
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import torch._dynamo
 import torch.nn as nn
 
 from convrewrite.backend import annotate_from_meta, inline_site_calls, parse_options, settle
-from convrewrite.capture import TRACING, annotate, capture
+from convrewrite.capture import META, TRACING, annotate, capture
 from convrewrite.emit import site_calls
 from convrewrite.forms import forms_for
 from convrewrite.options import Options
@@ -301,6 +301,19 @@ def test_alternatives_compile_in_the_background_while_the_favoured_graph_runs(fa
     assert report.ran == "original"
 
 
+def test_values_from_inside_vmap_are_not_annotated():
+    # dynamo's graph of an associative scan (transformers' Mamba) holds values of vmap's batch
+    # level, which cannot be read outside it
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv1d(4, 4, 1), nn.ReLU()))
+    x = torch.randn(2, 4, 5)
+    escaped = []
+    torch.vmap(lambda row: escaped.append(row) or row)(x)
+    for node, value in zip(gm.graph.nodes, [x, escaped[0], x, x], strict=True):
+        node.meta["example_value"] = value
+    annotate_from_meta(gm)
+    assert [META in node.meta for node in gm.graph.nodes] == [True, False, True, True]
+
+
 def test_an_alternative_that_fails_to_compile_leaves_the_favoured_graph_running(fake_table, caplog):
     model, x = stack(), torch.randn(4, 8, 32)
     gated = Gated(fail=True)
@@ -316,7 +329,8 @@ def test_an_alternative_that_fails_to_compile_leaves_the_favoured_graph_running(
     assert gated.ran == [0, 0] and backend_reports(caplog)[-1].ran == "rewritten"
 
 
-def test_a_failure_of_the_pass_compiles_the_graph_as_dynamo_gave_it(fake_table, monkeypatch, caplog):
+@pytest.mark.parametrize("stage", ["annotate_from_meta", "rewrite"])
+def test_a_failure_of_the_pass_compiles_the_graph_as_dynamo_gave_it(stage, fake_table, monkeypatch, caplog):
     from convrewrite import backend
     model, x = stack(), torch.randn(4, 8, 32)
     table = table_forcing(fake_table, model, x, "matmul")
@@ -324,7 +338,7 @@ def test_a_failure_of_the_pass_compiles_the_graph_as_dynamo_gave_it(fake_table, 
     def broken(*args, **kwargs):
         raise KeyError("a bug of the pass")
 
-    monkeypatch.setattr(backend, "rewrite", broken)
+    monkeypatch.setattr(backend, stage, broken)
     compiled = torch.compile(model, backend="convrewrite", options={"inner": "eager", "table": str(table)})
     with caplog.at_level("INFO", logger="convrewrite.backend"), pytest.warns(UserWarning, match="a bug of the pass"):
         assert_same_outputs_and_grads(model, compiled, x)

@@ -219,3 +219,21 @@ def test_an_optimized_submodule_with_kwargs_inside_a_model_and_optimized_twice()
     twice = convrewrite.optimize(convrewrite.optimize(model))
     torch.testing.assert_close(twice(x), ref)
     assert list(twice.state_dict()) == list(Outer().state_dict())
+
+
+@pytest.mark.parametrize("isolates", [True, False], ids=["isolated entries", "limit raised (torch < 2.13)"])
+def test_many_signatures_and_instances_are_each_captured_past_dynamos_recompile_limit(isolates, monkeypatch):
+    # dynamo keeps at most recompile_limit (8) graphs per code object; transformers models all
+    # share their decorators' code, and every input length is a signature of its own
+    monkeypatch.setattr(dynamo_route, "_ISOLATES", isolates and dynamo_route._ISOLATES)
+    lengths = range(1, torch._dynamo.config.recompile_limit + 3)
+    opt = convrewrite.optimize(KwargsModel(), forms=("matmul",))
+    with torch.no_grad():
+        for n in lengths:
+            opt(torch.randn(2, 4, n))
+        assert all(opt.report_for(torch.randn(2, 4, n)).rewritten for n in lengths)
+    for _ in lengths:
+        other = convrewrite.optimize(KwargsModel(), forms=("matmul",))
+        with torch.no_grad():
+            other(torch.randn(2, 4, 5))
+        assert other.report.rewritten, other.report.note
