@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 
 import torch.fx as fx
@@ -48,15 +49,44 @@ def candidates(gm: fx.GraphModule) -> list[Region]:
     under a residual add or a scale is a convolution, the partition with them is not)."""
     sequence = list(gm.graph.nodes)
     order = {node: i for i, node in enumerate(sequence)}
-    support = create_op_support(lambda _, node: _name(node) in _OPS)
-    partitions = CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True).propose_partitions()
     found = []
-    for partition in sorted(partitions, key=lambda p: min(map(order.__getitem__, p.nodes))):
-        for part in (set(partition.nodes), *_module_parts(partition.nodes)):
+    for partition in sorted(_partitions(gm), key=lambda p: min(map(order.__getitem__, p))):
+        for part in (set(partition), *_module_parts(partition)):
             region = _region(sorted(_with_feeders(part), key=order.__getitem__), order, sequence)
             if region is not None and region.nodes not in (r.nodes for r in found):
                 found.append(region)
     return found
+
+
+def _partitions(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """``CapabilityBasedPartitioner``'s partitions of the polynomial ops of ``gm``. Where a
+    ``getitem`` reads two nodes (``weight[positions]``, as Whisper's decoder does), they are
+    found on a copy of the graph in which such a read is a call of :func:`index` (a polynomial op, as ``getitem`` is): the
+    partitioner's last pass moves each ``getitem`` into the partition of the node it reads,
+    and loops forever when the two it reads lie in different partitions (torch 2.13)."""
+    support = create_op_support(lambda _, node: _name(node) in _OPS)
+    if not any(_indexes(node) for node in gm.graph.nodes):
+        return [list(p.nodes) for p in CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True)
+                .propose_partitions()]
+    copied: dict[fx.Node, fx.Node] = {}
+    graph = fx.Graph()
+    graph.graph_copy(gm.graph, copied)
+    for node in copied.values():
+        if _indexes(node):
+            node.target = index
+    original = {new: old for old, new in copied.items()}
+    partitioner = CapabilityBasedPartitioner(fx.GraphModule(gm, graph), support, allows_single_node_partition=True)
+    return [[original[n] for n in p.nodes] for p in partitioner.propose_partitions()]
+
+
+def _indexes(node: fx.Node) -> bool:
+    """A ``getitem`` that reads more than one node: indexing by a tensor, not a tuple's item."""
+    return node.op == "call_function" and node.target is operator.getitem and len(node.all_input_nodes) > 1
+
+
+def index(tensor, indices):
+    """``tensor[indices]``: what :func:`_partitions` calls a ``getitem`` that reads two nodes."""
+    return tensor[indices]
 
 
 def as_module(gm: fx.GraphModule, region: Region) -> tuple[fx.GraphModule, tuple[fx.Node, ...]]:

@@ -1,5 +1,8 @@
 """Regions of unrolled code in dynamo graphs: what is a candidate for lifting, and what is not."""
 
+import operator
+import threading
+
 import pytest
 import torch
 import torch._dynamo
@@ -126,3 +129,27 @@ def test_as_module_computes_what_the_region_does_and_leaves_the_graph_alone():
     values = {"l_x_": x, "l_self_parameters_weight_": model.weight}
     torch.testing.assert_close(module(*(values[n.name] for n in inputs)), model(x))
     assert str(gm.graph) == before
+
+
+class Positions(nn.Module):
+    """A table read at positions that a polynomial op made, as Whisper's decoder reads its embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, ids):
+        return self.table[ids.unsqueeze(0).repeat(2, 1)] * 2
+
+
+def test_a_getitem_that_reads_two_partitions_does_not_hang_the_partitioner():
+    # torch's partitioner moves a getitem into the partition of what it reads: back and forth
+    # forever when it reads a node in a partition (the positions) and one in none (the table)
+    found = []
+    worker = threading.Thread(target=lambda: found.append(dynamo_regions(Positions(), torch.arange(3))), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "candidates() did not return"
+    (candidates, gm), = found
+    assert any(n.target is operator.getitem and len(n.all_input_nodes) == 2 for n in gm.graph.nodes)
+    assert candidates == []  # one tensor read, nothing that computes a convolution
