@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import weakref
 
 import torch
@@ -94,7 +95,10 @@ def _region_site(gm: fx.GraphModule, region: regions.Region) -> Site | None:
     """A site replacing the region's nodes, or None if they are not shown to be a convolution
     (code that is not a convolution is not reported: it is not a site)."""
     module, inputs = regions.as_module(gm, region)
-    args = dict(enumerate(inputs))
+    # the lift takes the first operand that works as data: parameters last, and the larger
+    # first (of two inputs convolved with each other, the smaller is the cheaper kernel); the
+    # order a region reads them in is no guide, it changes between torch versions
+    args = {i: inputs[i] for i in sorted(range(len(inputs)), key=lambda i: _weight_likeness(inputs[i]))}
     try:
         lifted, spec, source = _lift(module, args, info(region.output), shrink=False)
     except Exception:  # NotLiftable, or the graph's ops failing on the analysis's float64 probes
@@ -104,6 +108,13 @@ def _region_site(gm: fx.GraphModule, region: regions.Region) -> Site | None:
     return Site(region.output, tensors[lifted.x], (tensors.get(lifted.w), tensors.get(lifted.b)), spec, ORIGINAL,
                 PATTERN, regions.path(region), rest, note=f"lifted from {len(region.nodes)} ops of unrolled code",
                 source_runner=source[0], source_key=source[1])
+
+
+def _weight_likeness(node: fx.Node) -> tuple[bool, int]:
+    """Whether dynamo made ``node`` from a module's parameter, then its size, negated."""
+    parameter = isinstance(getattr(node.meta.get("grapharg"), "example", None), torch.nn.Parameter)
+    shape = info(node).shape if info(node) is not None else ()
+    return parameter, -math.prod(shape)
 
 
 def _tensor_args(args: dict) -> dict:
