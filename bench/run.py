@@ -434,7 +434,7 @@ def write_results(data: dict, command: str) -> None:
         "- times: `torch.utils.benchmark`, all candidates of a row in interleaved rounds, median round; "
         "ratios are speedups over the original (higher is better); `opt/best` is the optimized model's time "
         "over the fastest form's (1.00x is the oracle). `form:X` is the model with form X forced at every site. "
-        "`hand-written`: the forum's own answer for code that spells out a convolution (`opt/hand`: the "
+        "`hand-written`: the one conv op a person would write instead of code that spells out a convolution (`opt/hand`: the "
         "optimized model's time over it).",
         "- raw numbers: [results.json](results.json)",
         "",
@@ -500,7 +500,7 @@ def headline(data: dict, command: str) -> str:
         f"Speedups over the model as written (eager), on this project's machine ({data['machine']}), from "
         f"`{command}` on {data['date'][:10]}, on {data['allocator']}. \"optimize / best form\" is the optimized "
         "model's time over the fastest single form forced at every site (1.00 = the oracle); \"optimize / "
-        "hand-written\" compares a lifted loop with the forum's own one-op answer. The machine is shared and "
+        "hand-written\" compares a lifted loop with the one conv op written by hand. The machine is shared and "
         "noisy: rows of tens of microseconds move by 10-15% between runs. Inductor is not run on the 100x100 per-pixel loop (it took 130 s on a 20x20 one); "
         "per-pixel-16 compares it with our backend.",
         "", table, "", compiled_summary(compiled_rows(data["workloads"])) + " Every row: bench/RESULTS.md.", "",
