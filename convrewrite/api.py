@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.nn as nn
 
 from .module import ConvRewriteModule
@@ -26,7 +28,8 @@ def optimize(model: nn.Module, example_inputs=None, **options) -> ConvRewriteMod
     signature (shapes, dtypes, devices, layouts, grad mode), and again whenever a new signature
     arrives; with them (a tuple of positional arguments, or one tensor) it specialises now.
     The result shares ``model``'s parameters, so ``state_dict()`` is unchanged and ``model``
-    itself keeps working. Options: see :class:`convrewrite.Options`.
+    itself keeps working. Options: keywords, or an :class:`convrewrite.Options` in place of
+    ``example_inputs``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -34,6 +37,10 @@ def optimize(model: nn.Module, example_inputs=None, **options) -> ConvRewriteMod
             "wrap a function in an nn.Module, or use torch.compile(fn, backend='convrewrite')")
     if isinstance(model, ConvRewriteModule):
         model = model.original
+    if isinstance(example_inputs, Options):  # optimize(model, Options(...)): options, not an input
+        if options:
+            raise TypeError("convrewrite.optimize: give options as an Options or as keywords, not both")
+        example_inputs, options = None, dataclasses.asdict(example_inputs)
     optimized = ConvRewriteModule(model, Options.from_kwargs(**options))
     if example_inputs is not None:
         optimized.specialize(*_as_args(example_inputs))

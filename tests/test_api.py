@@ -179,6 +179,15 @@ def test_unknown_option_is_an_error():
         convrewrite.optimize(nn.Conv1d(1, 1, 1), marginn=2)
 
 
+def test_options_may_be_given_as_an_options_object():
+    optimized = convrewrite.optimize(nn.Conv1d(4, 8, 1), convrewrite.Options(measure=False, margin=1.5))
+    assert optimized.options == convrewrite.Options(measure=False, margin=1.5)
+    x = torch.randn(2, 4, 5)
+    assert optimized(x).shape == (2, 8, 5) and optimized.report_for(x) is not None
+    with pytest.raises(TypeError, match="not both"):
+        convrewrite.optimize(nn.Conv1d(4, 8, 1), convrewrite.Options(), margin=2)
+
+
 def test_verify_reverts_a_wrong_form(model_and_table, fake_table):
     model, x, _ = model_and_table
 
