@@ -14,6 +14,7 @@ import threading
 import torch
 import torch.fx as fx
 
+from .capture import info
 from .device import generator
 from .forms import Form
 from .site import Site
@@ -113,3 +114,30 @@ def emit(gm: fx.GraphModule, site: Site, form: Form, name: str) -> fx.Node:
     for node in (site.node, *reversed(site.nodes)):
         graph.erase_node(node)
     return new
+
+
+def keep_output_strides(gm: fx.GraphModule) -> None:
+    """Each tensor ``gm`` returns, with the strides it had as written: a form may return its
+    values in another layout (a channels-first conv for a chain whose permute back made a
+    channels-last view), and the caller sees the original's layout. A copy is made only where
+    the strides differ."""
+    graph = gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+
+    def restrided(node: fx.Node) -> fx.Node:
+        annotation = info(node)
+        if annotation is None:
+            return node
+        with graph.inserting_before(output):
+            kept = graph.call_function(with_strides, (node, annotation.stride))
+        kept.meta.update(node.meta)
+        return kept
+    output.args = fx.node.map_arg(output.args, restrided)
+
+
+def with_strides(y: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``y``, or a copy of it with ``stride`` where its own differ."""
+    if y.stride() == stride:
+        return y
+    return torch.empty_strided(y.shape, stride, dtype=y.dtype, device=y.device).copy_(y)
+

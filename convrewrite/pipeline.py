@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from . import progress
 from .decide import AS_WRITTEN, NONE, Choice, against_source, choose, source_seconds
-from .emit import emit, verify
+from .emit import emit, keep_output_strides, verify
 from .forms import get_form
 from .options import Options
 from .report import Report, SiteReport
@@ -56,6 +56,8 @@ def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager", decid
                 rows.append(_decided(gm, site, f"convrewrite_site{len(rows)}", options, executor, replaced,
                                      choices, taken))
                 bar.update()
+    if executor == "eager" and any(r.chosen != r.original for r in rows):
+        keep_output_strides(gm)
     gm.graph.lint()
     gm.recompile()
     log.info("convrewrite: rewrote %d of %d site(s)", sum(r.chosen != r.original for r in rows), len(rows))
