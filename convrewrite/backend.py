@@ -46,7 +46,7 @@ import torch.nn as nn
 from . import distributed
 from .capture import META, TRACING, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
-from .emit import SiteCall
+from .emit import SiteCall, with_strides
 from .kinds.channel_mix import ChannelMixSpec
 from .kinds.conv import ConvSpec
 from .options import Options
@@ -294,7 +294,8 @@ def _lifted_ops(original: fx.GraphModule, rewritten: fx.GraphModule, report) -> 
     a lifted loop is a site that computes a :class:`ConvSpec`)."""
     if not any(s.kind == ConvSpec.kind for s in report.rewritten):
         return 0
-    return len(original.graph.nodes) - len(rewritten.graph.nodes)
+    added = sum(n.target is with_strides for n in rewritten.graph.nodes)  # outputs given their strides back
+    return len(original.graph.nodes) - len(rewritten.graph.nodes) + added
 
 
 def _variants(original: fx.GraphModule | None, rewritten: fx.GraphModule, report, inner) -> dict:

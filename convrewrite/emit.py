@@ -140,4 +140,3 @@ def with_strides(y: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     if y.stride() == stride:
         return y
     return torch.empty_strided(y.shape, stride, dtype=y.dtype, device=y.device).copy_(y)
-

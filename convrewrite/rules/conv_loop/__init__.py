@@ -113,8 +113,8 @@ def _region_site(gm: fx.GraphModule, region: regions.Region) -> Site | None:
 def _weight_likeness(node: fx.Node) -> tuple[bool, int]:
     """Whether dynamo made ``node`` from a module's parameter, then its size, negated."""
     parameter = isinstance(getattr(node.meta.get("grapharg"), "example", None), torch.nn.Parameter)
-    shape = info(node).shape if info(node) is not None else ()
-    return parameter, -math.prod(shape)
+    annotation = info(node)
+    return parameter, -math.prod(annotation.shape if annotation is not None else ())
 
 
 def _tensor_args(args: dict) -> dict:

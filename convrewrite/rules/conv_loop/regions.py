@@ -61,9 +61,10 @@ def candidates(gm: fx.GraphModule) -> list[Region]:
 def _partitions(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """``CapabilityBasedPartitioner``'s partitions of the polynomial ops of ``gm``. Where a
     ``getitem`` reads two nodes (``weight[positions]``, as Whisper's decoder does), they are
-    found on a copy of the graph in which such a read is a call of :func:`index` (a polynomial op, as ``getitem`` is): the
-    partitioner's last pass moves each ``getitem`` into the partition of the node it reads,
-    and loops forever when the two it reads lie in different partitions (torch 2.13)."""
+    found on a copy of the graph in which such a read is a call of :func:`index` (polynomial,
+    as ``getitem`` is): the partitioner's last pass moves each ``getitem`` into the partition
+    of the node it reads, and loops forever when the two it reads lie in different partitions
+    (seen with torch 2.13)."""
     support = create_op_support(lambda _, node: _name(node) in _OPS)
     if not any(_indexes(node) for node in gm.graph.nodes):
         return [list(p.nodes) for p in CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True)
