@@ -63,6 +63,7 @@ def child(name: str, setting: str) -> dict:
     from convrewrite.measure import time_callables
     model, inputs = build(name)
     fn = compiled(model, setting)
+    reports = _backend_reports()
     with torch.no_grad():
         start = time.perf_counter()
         fn(*inputs)
@@ -75,7 +76,22 @@ def child(name: str, setting: str) -> dict:
             fn(*inputs)  # the call that times the compiled graphs and picks one
             settle = time.perf_counter() - start
         steady = time_callables({setting: lambda: fn(*inputs)}, rounds=9, block_s=0.01)[setting]
-    return {"first_s": first, "settle_s": settle, "steady_ms": steady * 1e3}
+    ran = sorted({r.ran for r in reports if getattr(r, "ran", "")})
+    return {"first_s": first, "settle_s": settle, "steady_ms": steady * 1e3, "ran": ", ".join(ran) or "-"}
+
+
+def _backend_reports() -> list:
+    """The reports the backend logs (filled as it logs them): which compiled graph each runs."""
+    import logging
+    reports = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            reports.extend(a for a in (record.args or ()) if hasattr(a, "ran"))
+    logger = logging.getLogger("convrewrite.backend")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    return reports
 
 
 def run(name: str, setting: str, cache: Path) -> dict:
@@ -110,20 +126,22 @@ def section(rows: list[dict], command: str) -> str:
     from convrewrite.table import fingerprint
     fp = fingerprint("cpu")
     table = [(r["model"], setting, _s(r[setting]["cold"]), _ratio(r, setting, "cold"), _s(r[setting]["warm"]),
-              _ratio(r, setting, "warm"), _s(r[setting]["cold"], "settle_s"), _s(r[setting]["cold"], "steady_ms"))
+              _ratio(r, setting, "warm"), _s(r[setting]["cold"], "settle_s"), _s(r[setting]["cold"], "steady_ms"),
+              r[setting]["cold"].get("ran", "-") if setting.startswith("convrewrite") else "")
              for r in rows for setting in SETTINGS]
     head = ["model", "setting", "cold first call s", "over inductor", "warm first call s", "over inductor",
-            "then ready after s", "steady ms"]
+            "then ready after s", "steady ms", "graph ours ran"]
     return "\n".join([
         MARKS[0], "## Compile time under torch.compile (issue 21)", "",
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- machine: {fp['model']} ({fp['isa']}, {fp['threads']} threads), torch {torch.__version__}",
         f"- command: `{command}`", "",
         "First call (dynamo + pass + compiles + one run, inference) in a fresh process, seconds: cold = empty "
-        "inductor cache dir, warm = the cache the cold run left. convrewrite compiles and times its "
-        "alternatives within the first call; convrewrite-background compiles only the graph the figures "
-        "favour then, the others on a background thread, and \"then ready after\" is the wait for them plus "
-        "the call that times them and picks. Steady ms: per call after that, each setting in its own process "
+        "inductor cache dir, warm = the cache the cold run left. Where the pass rewrote a site, convrewrite "
+        "compiles the rewritten graph and the graph as dynamo gave it, and times both, within the first call "
+        "(elsewhere it compiles the latter alone); convrewrite-background compiles only the rewritten graph "
+        "then, the other on a background thread, and \"then ready after\" is the wait for it plus the call "
+        "that times both and picks. \"graph ours ran\": the compiled graph(s) the backend chose (cold run). Steady ms: per call after that, each setting in its own process "
         "(cold run), so they move by up to 2x between processes on this shared machine; bench/run.py's "
         "side-by-side ratios are the run-time figures to read.", "",
         tabulate(table, head, tablefmt="github"), "", MARKS[1]])

@@ -7,16 +7,19 @@ the rules read, the pass rewrites the graph, and an inner compiler (inductor by 
 compiles the result. Sites with symbolic sizes are left alone, so the pass adds no guards.
 
 Each site's choice comes from figures of the site alone, and inductor fuses across sites, so
-with ``check`` (the default) the graph as dynamo gave it is compiled too (and, for inductor,
-once more with ``conv_1x1_as_mm``), every compiled graph is timed on copies of a call's
-inputs (with the cache flushed between calls), and the fastest runs if it wins by the
-check's margin and by ``FRAME_S`` per call; otherwise inductor's own compile runs.
+where any site was rewritten, with ``check`` (the default) the graph as dynamo gave it is
+compiled too, both are timed on copies of a call's inputs (with the cache flushed between
+calls), and the rewritten one runs if it wins by the check's margin and by ``FRAME_S`` per
+call; otherwise inductor's own compile runs. Where no site was rewritten, only the graph as
+dynamo gave it compiles, as inductor alone would. (Inductor's ``conv_1x1_as_mm`` lowering of
+the original is no longer a candidate: it was chosen on 1 of 25 bench rows and cost a whole
+compile on every graph with a pointwise conv.)
 
-Compile time: the graph the figures favour compiles first. By default its alternatives
-compile right after it, before the first call returns, and that call times them all. With
-``options={"alternatives": "background"}`` only the favoured graph compiles before the first
-call, which costs about one compile as inductor's does; the others compile on a background
-thread while it runs, and the first call after they are ready times them and picks
+Compile time: the rewritten graph compiles first. By default the original compiles right
+after it, before the first call returns (reusing the kernels they share), and that call times
+both. With ``options={"alternatives": "background"}`` only the rewritten graph compiles before
+the first call, which costs about one compile as inductor's does; the original compiles on a
+background thread while it runs, and the first call after it is ready times both and picks
 (:func:`settle` waits for them). Opt-in, because a compile traces with fx, and fx patches
 ``nn.Module`` for the whole process while it traces: the background compile and convrewrite's
 own captures take one lock, but an ``fx.symbolic_trace`` or ``torch.export`` of your own in
@@ -47,7 +50,6 @@ from . import distributed
 from .capture import META, TRACING, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
 from .emit import SiteCall, with_strides
-from .kinds.channel_mix import ChannelMixSpec
 from .kinds.conv import ConvSpec
 from .options import Options
 from .pipeline import rewrite
@@ -58,7 +60,6 @@ log = logging.getLogger(__name__)
 INNER = ("inductor", "eager")
 ALTERNATIVES = ("first_call", "background")
 BACKEND_ONLY = ("inner", "alternatives")  # backend options that are not the pass's Options
-CONV_1X1_AS_MM = {"conv_1x1_as_mm": True}
 # Loops that unrolled into more ops than this are not compiled as written: inductor took
 # 17 s on a 148-op per-pixel loop and 130 s on a 1605-op one (2-core CPU).
 UNROLLED = 256
@@ -104,7 +105,7 @@ def parse_options(options: dict | None) -> tuple[Options, Callable | str, bool]:
 
 def convrewrite_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """Rewrite a dynamo graph, compile it with the inner compiler, and (with ``check``) run the
-    fastest of it and the graph as dynamo gave it (also with inductor's 1x1-as-mm lowering)."""
+    faster of it and the graph as dynamo gave it."""
     pass_options, inner, background = parse_options(options)
     compiled = compile_graph(gm, example_inputs, pass_options, inner, mode, background)
     return compiled.only or compiled
@@ -129,7 +130,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
         warn_user(f"convrewrite: rewriting a graph failed ({type(e).__name__}: {e}); it compiles as dynamo gave it")
         report = None
     if report is None:  # here or (in a job of several processes) on rank 0: no rank rewrites this graph
-        return FastestCompiled({ORIGINAL: (as_given, {})}, compile_one, Report(note="not rewritten: the pass failed"),
+        return FastestCompiled({ORIGINAL: as_given}, compile_one, Report(note="not rewritten: the pass failed"),
                                params)
     lifted = _lifted_ops(original, gm, report) if original is not None else 0
     if lifted > UNROLLED:
@@ -190,7 +191,7 @@ class FastestCompiled:
                  topic: str | None = None):
         self.report, self._params, self._topic = report, params, topic
         first = REWRITTEN if REWRITTEN in variants else ORIGINAL
-        self.compiled = {first: compile_one(*variants[first])}
+        self.compiled = {first: compile_one(variants[first])}
         rest = {name: v for name, v in variants.items() if name != first}
         self._run = self.only = None
         self._first = self.compiled[first]
@@ -242,14 +243,14 @@ class FastestCompiled:
 def _compile_all(variants: dict, compile_one: Callable) -> dict[str, Callable]:
     """Each variant compiled (one that fails to compile is left out, with a warning), under
     :data:`~convrewrite.capture.TRACING` and dynamo's compile lock: a compile traces with fx,
-    which patches ``nn.Module`` process-wide; inductor's config patches are process-wide too;
+    which patches ``nn.Module`` process-wide; inductor's config patches (``mode``) are too;
     and dynamo's own compiles of other frames take the same lock."""
     from torch._dynamo.convert_frame import compile_lock  # imports inductor: only when compiling
     compiled = {}
     with TRACING, compile_lock:
-        for name, (graph, patches) in variants.items():
+        for name, graph in variants.items():
             try:
-                compiled[name] = compile_one(graph, patches=patches)
+                compiled[name] = compile_one(graph)
             except Exception as e:  # noqa: BLE001 (the graph that runs already compiled)
                 log.warning("convrewrite: the %s graph did not compile (%s: %s); it is not a candidate",
                             name, type(e).__name__, e)
@@ -299,19 +300,13 @@ def _lifted_ops(original: fx.GraphModule, rewritten: fx.GraphModule, report) -> 
 
 
 def _variants(original: fx.GraphModule | None, rewritten: fx.GraphModule, report, inner) -> dict:
-    """The graphs to compile, name -> (graph, inductor config patches): the rewritten graph,
-    and unless ``original`` is None that graph too, and for inductor once more with 1x1 convs
-    lowered to matmuls where there are pointwise convs (sites that compute a
-    :class:`ChannelMixSpec`; often, not always, faster)."""
-    if original is None:
-        return {REWRITTEN: (rewritten, {})}
-    variants = {ORIGINAL: (original, {})}
-    if inner == "inductor" and any(s.kind == ChannelMixSpec.kind for s in report):
-        variants[f"{ORIGINAL}-1x1mm"] = (_graph_copy(original), CONV_1X1_AS_MM)
-    if report.rewritten:
-        if inner == "inductor":
-            inline_site_calls(rewritten)
-        variants[REWRITTEN] = (rewritten, {})
+    """The graphs to compile, by name: the graph as dynamo gave it (``original``, unless None)
+    and the rewritten graph where a site was rewritten (or there is no original)."""
+    if report.rewritten and inner == "inductor":
+        inline_site_calls(rewritten)
+    variants = {} if original is None else {ORIGINAL: original}
+    if report.rewritten or original is None:
+        variants[REWRITTEN] = rewritten
     return variants
 
 
@@ -367,13 +362,13 @@ def _over_nodes(node: fx.Node) -> Callable:
     return call
 
 
-def _compile(inner, gm: fx.GraphModule, patches: dict, *, example_inputs, mode: str | None) -> Callable:
+def _compile(inner, gm: fx.GraphModule, *, example_inputs, mode: str | None) -> Callable:
     if inner == "eager":
         return gm.forward
     if inner == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs, config_patches={**(list_mode_options(mode) if mode else {}), **patches})
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else {})
     return inner(gm, example_inputs)
 
 

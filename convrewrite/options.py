@@ -22,8 +22,9 @@ class Options:
     check: at specialisation, time the whole rewritten graph against the model's own forward
         on copies of the inputs (both warm, interleaved), and keep the original unless the
         rewrite is faster there by 5% and by more than the figures' noise.
-        The backend times the compiled graphs: rewritten, as dynamo gave it and, under
-        inductor, that with ``conv_1x1_as_mm`` (see ``alternatives`` for when they compile).
+        The backend times the compiled graphs, rewritten and as dynamo gave it (see
+        ``alternatives`` for when they compile); with nothing rewritten it compiles only
+        the latter.
     table: path of a cost-table file to use before this machine's own and the shipped one.
     forms: if given, only these form names may be chosen (the original is always allowed).
     progress: show a progress bar on stderr when choosing forms takes more than 2 s (a
@@ -33,7 +34,7 @@ class Options:
         ``"inductor"`` (default) or ``"eager"``.
     alternatives (backend only, not a field): ``"first_call"`` (default) compiles the graphs
         the check compares before the first call returns; ``"background"`` compiles only the
-        favoured one then and the others on a background thread while it runs (wait for them
+        rewritten one then and the original on a background thread while it runs (wait for it
         with ``convrewrite.backend.settle()``; do not fx-trace or ``torch.export`` in another
         thread meanwhile: fx patches ``nn.Module`` process-wide while it traces).
     """

@@ -38,7 +38,7 @@ class Report:
     sites: tuple[SiteReport, ...] = ()
     signature: str = ""
     note: str = ""
-    ran: str = ""  # under the backend: which compiled graph runs (original, original-1x1mm, rewritten)
+    ran: str = ""  # under the backend: which compiled graph runs (original or rewritten)
 
     @property
     def rewritten(self) -> list[SiteReport]:

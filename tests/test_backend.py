@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
+from convrewrite import backend
 from convrewrite.backend import annotate_from_meta, inline_site_calls, parse_options, settle
 from convrewrite.capture import META, TRACING, annotate, capture
 from convrewrite.emit import site_calls
@@ -180,14 +181,22 @@ def test_check_false_compiles_the_rewritten_graph_alone(fake_table):
     assert len(site_calls(gm)) == 2
 
 
-def test_under_inductor_the_1x1_as_mm_setting_is_a_candidate(check_times, caplog):
-    check_times.result = {"original": 2e-3, "original-1x1mm": 1e-3, "rewritten": 1.5e-3}
+@pytest.mark.parametrize("forms, compiles", [((), ["original"]), (("matmul",), ["rewritten", "original"])])
+def test_under_inductor_the_original_compiles_alongside_a_rewrite_only(forms, compiles, monkeypatch, caplog):
+    compiled_graphs = []
+
+    def compile_eagerly(inner, gm, **_):
+        compiled_graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(backend, "_compile", compile_eagerly)
     model, x = stack(), torch.randn(2, 8, 16)
-    compiled = torch.compile(model, backend="convrewrite", options={"forms": ("matmul",), "measure": False})
+    compiled = torch.compile(model, backend="convrewrite", options={"forms": forms, "measure": False})
     with caplog.at_level("INFO", logger="convrewrite.backend"), torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
     (report,) = backend_reports(caplog)
-    assert report.ran == "original-1x1mm" and "runs the original-1x1mm graph" in str(report)
+    convs = [sum("conv" in str(n.target) for n in gm.graph.nodes) for gm in compiled_graphs]
+    assert ["original" if n == 3 else "rewritten" for n in convs] == compiles  # stack() has 3 convs
+    assert report.ran == compiles[0]
 
 
 def test_timing_compiled_graphs_leaves_buffers_and_random_streams_as_one_call_would(fake_table, caplog):
