@@ -16,7 +16,6 @@ less exact than bench/run.py's side-by-side ratios. Results go to bench/RESULTS.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ from tabulate import tabulate
 from convrewrite.progress import bar
 
 sys.path.insert(0, str(Path(__file__).parent))
-from figures import replace_section  # noqa: E402
+from figures import command_line, heading, model_parser, publish  # noqa: E402
 
 SETTINGS = ("inductor", "inductor-1x1mm", "convrewrite", "convrewrite-background")
 DEFAULT = ("mobilenetv2-block", "pointnet", "unfold-matmul", "per-pixel-16", "hf-squeezebert",
@@ -123,8 +122,6 @@ def _ratio(row: dict, setting: str, cache: str) -> str:
 
 
 def section(rows: list[dict], command: str) -> str:
-    from convrewrite.table import fingerprint
-    fp = fingerprint("cpu")
     table = [(r["model"], setting, _s(r[setting]["cold"]), _ratio(r, setting, "cold"), _s(r[setting]["warm"]),
               _ratio(r, setting, "warm"), _s(r[setting]["cold"], "settle_s"), _s(r[setting]["cold"], "steady_ms"),
               r[setting]["cold"].get("ran", "-") if setting.startswith("convrewrite") else "")
@@ -132,10 +129,7 @@ def section(rows: list[dict], command: str) -> str:
     head = ["model", "setting", "cold first call s", "over inductor", "warm first call s", "over inductor",
             "then ready after s", "steady ms", "graph ours ran"]
     return "\n".join([
-        MARKS[0], "## Compile time under torch.compile (issue 21)", "",
-        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        f"- machine: {fp['model']} ({fp['isa']}, {fp['threads']} threads), torch {torch.__version__}",
-        f"- command: `{command}`", "",
+        *heading(MARKS, "Compile time under torch.compile (issue 21)", command),
         "First call (dynamo + pass + compiles + one run, inference) in a fresh process, seconds: cold = empty "
         "inductor cache dir, warm = the cache the cold run left. Where the pass rewrote a site, convrewrite "
         "compiles the rewritten graph and the graph as dynamo gave it, and times both, within the first call "
@@ -148,18 +142,14 @@ def section(rows: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", action="append", default=[], help="a model or workload name (repeatable)")
+    p = model_parser(__doc__)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(*args.child)))
         return 0
     rows = [bench(name) for name in bar(args.only or DEFAULT, desc="models", unit="model")]
-    command = "python bench/compile_time.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = section(rows, command.strip())
-    print(text)
-    replace_section(text, MARKS)
+    publish(section(rows, command_line("compile_time.py", argv)), MARKS)
     return 0
 
 

@@ -34,7 +34,7 @@ import convrewrite
 from convrewrite.table import fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from figures import replace_section  # noqa: E402
+from figures import command_line, publish  # noqa: E402
 from workloads import AudioStack, InvertedResidual, PointNetEncoder  # noqa: E402
 
 MARKS = ("<!-- bench:ddp -->", "<!-- /bench:ddp -->")
@@ -127,9 +127,8 @@ def main(argv=None) -> int:
         for route, coordinated in ((r, c) for r in args.route or ROUTES for c in (False, True)):
             rows.append(run(name, route, coordinated))
             print(rows[-1], file=sys.stderr)
-    text = section(rows, " ".join(["python bench/ddp.py", *(argv if argv is not None else sys.argv[1:])]))
-    print(text)
-    replace_section(text, MARKS)
+    text = section(rows, command_line("ddp.py", argv))
+    publish(text, MARKS)
     return 0
 
 

@@ -314,6 +314,32 @@ def section(data: dict) -> str:
     return "\n".join(lines)
 
 
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench script's argument parser, with ``--only`` (a model or workload name, repeatable)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", default=[], help="a model or workload name (repeatable)")
+    return p
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran ``script`` (a file in bench/) with ``argv`` (None: this process's)."""
+    return f"python bench/{script} {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
+
+
+def heading(marks: tuple[str, str], title: str, command: str) -> list[str]:
+    """A RESULTS.md section's first lines: its mark, title, date, machine and command."""
+    from convrewrite.table import fingerprint
+    fp = fingerprint("cpu")
+    return [marks[0], f"## {title}", "", f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+            f"- machine: {fp['model']} ({fp['isa']}, {torch.get_num_threads()} threads), torch {torch.__version__}",
+            f"- command: `{command}`", ""]
+
+
+def publish(text: str, marks: tuple[str, str]) -> None:
+    """Print a section of RESULTS.md and put it in place (:func:`replace_section`)."""
+    publish(text, marks)
+
+
 def replace_section(text: str, marks: tuple[str, str]) -> None:
     """Put ``text`` (which starts and ends with ``marks``) in RESULTS.md in place of the
     section between those marks, or at its end."""
@@ -347,13 +373,12 @@ def main(argv=None) -> int:
              "choices_busy": lambda: bench_choices(specs, args.busy_cores),
              "stability": lambda: bench_stability(args.models, args.seed),
              "prediction": lambda: bench_prediction(args.models, args.seed), "overhead": bench_overhead}
-    command = "python bench/figures.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("figures.py", argv)
     for name, run in bar(parts.items(), desc="parts", unit="part"):
         if wanted(name.split("_")[0]):
-            data[name] = {**run(), "run": f"{datetime.datetime.now().isoformat(timespec='minutes')}: `{command.strip()}`"}
+            data[name] = {**run(), "run": f"{datetime.datetime.now().isoformat(timespec='minutes')}: `{command}`"}
     text = section(data)
-    print(text)
-    replace_section(text, MARKS)
+    publish(text, MARKS)
     saved.write_text(json.dumps(data, indent=1))
     return 0
 

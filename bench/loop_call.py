@@ -13,7 +13,6 @@ lifted loop's time per call goes beyond the conv it runs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tabulate import tabulate
 from convrewrite.measure import time_callables
 
 sys.path.insert(0, str(Path(__file__).parent))
-from figures import replace_section  # noqa: E402
+from figures import command_line, heading, publish  # noqa: E402
 from workloads import PerPixel  # noqa: E402
 
 VERSION = torch.__version__.split("+")[0]
@@ -52,9 +51,7 @@ def section(side: int, times: dict, command: str) -> str:
     base = times["F.conv2d"]
     rows = [(name, f"{t * 1e6:.1f}", f"{(t - base) * 1e6:+.1f}") for name, t in times.items()]
     return "\n".join([
-        MARKS[0], f"## A lifted loop's call under the backend (issue 21), {side}x{side}, torch {VERSION}", "",
-        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads", f"- command: `{command}`", "",
+        *heading(MARKS, f"A lifted loop's call under the backend (issue 21), {side}x{side}, torch {VERSION}", command),
         tabulate(rows, ["called", "us per call", "over F.conv2d"], tablefmt="github"), "", MARKS[1]])
 
 
@@ -64,10 +61,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with torch.no_grad():
         times = time_callables(candidates(args.side), rounds=15, block_s=0.02)
-    command = "python bench/loop_call.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = section(args.side, dict(times), command.strip())
-    print(text)
-    replace_section(text, MARKS)
+    command = command_line("loop_call.py", argv)
+    text = section(args.side, dict(times), command)
+    publish(text, MARKS)
     return 0
 
 

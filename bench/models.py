@@ -32,7 +32,7 @@ from convrewrite.measure import time_callables
 from convrewrite.table import fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from figures import busy, replace_section  # noqa: E402
+from figures import busy, command_line, publish  # noqa: E402
 
 HERE = Path(__file__).parent
 ORIGINAL = "original"  # a site left as written, whatever its original is called
@@ -146,11 +146,10 @@ def main(argv=None) -> int:
     for name in bar(available, desc="models", unit="model"):
         rows.append(bench_model(name, args.busy_cores))
         print(rows[-1], file=sys.stderr)
-    command = "python bench/models.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("models.py", argv)
     libraries = "+".join(sorted({MODELS[n][0] for n in available}))
-    text = section(rows, [n for n in names if n not in available], command.strip(), args.busy_cores, libraries)
-    print(text)
-    replace_section(text, marks(args.busy_cores, libraries))
+    text = section(rows, [n for n in names if n not in available], command, args.busy_cores, libraries)
+    publish(text, marks(args.busy_cores, libraries))
     return 0
 
 

@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from .decide import beats
 from .device import cache_flush, rng_kept
 from .measure import Timings, time_callables
+from .report import Report
 
 ROUNDS = 9
 BLOCK_S = 0.002
@@ -68,6 +69,19 @@ def compiled_times(fns: dict[str, Callable], example_inputs: list, params: list[
     with rng_kept(example_inputs):
         return _side_by_side({name: _step(fn, leaves, params) for name, fn in fns.items()},
                              flush=cache_flush(example_inputs))
+
+
+def judged(report: Report, times: Timings, what: str, original: str = "as written") -> Report:
+    """``report`` with the whole-``what`` times noted, and its sites back on their originals
+    unless the rewritten one clearly won (:func:`rewrite_wins`)."""
+    if len(times) < 2:
+        return report.kept_original("kept original: the whole-graph check could not run both graphs")
+    old, new = times[ORIGINAL], times[REWRITTEN]
+    load = " (under load from other processes)" if times.contended else ""
+    line = f"{what}, warm, on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms {original}{load}"
+    if not rewrite_wins(times):
+        return report.kept_original(f"kept original: the rewritten graph ran {new / old:.2f}x the time").noted(line)
+    return report.noted(line)
 
 
 def rewrite_wins(times: Mapping[str, float]) -> bool:

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from . import distributed
 from .backend import FastestCompiled, compile_graph
-from .check import rewrite_wins, whole_graph_times
+from .check import judged, whole_graph_times
 from .options import Options
 from .report import Report
 
@@ -86,12 +86,7 @@ class DynamoRoute:
 
     def _checked(self, report: Report, args: tuple, kwargs: dict) -> Report:
         times = whole_graph_times(self.module.forward, self._compiled, self.module, args, kwargs)
-        line = ", ".join(f"{name} {t * 1e3:.3f} ms" for name, t in times.items())
-        line = f"whole model through dynamo, warm, on these inputs: {line}"
-        if len(times) < 2 or not rewrite_wins(times):
-            return report.kept_original("kept original: the compiled forward was not faster than the module's "
-                                        "own").noted(line)
-        return report.noted(line)
+        return judged(report, times, "whole model through dynamo")
 
 
 def _room_to_recompile():

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import distributed
 from .capture import ROOT, CaptureError, annotate, capture, fold_sizes, hidden_sites, opaque_root
-from .check import ORIGINAL, REWRITTEN, rewrite_wins, whole_graph_times
+from .check import judged, whole_graph_times
 from .dynamo_route import DynamoRoute
 from .hooks import has_hooks, own_hooks
 from .options import Options
@@ -137,14 +137,7 @@ class Specializer:
             return report.noted("whole graph not checked: the model has hooks")
         times = whole_graph_times(_positional(self.original.forward, self.signature), gm.forward,
                                   self.original, flat)
-        if len(times) < 2:
-            return report.kept_original("kept original: the whole-graph check could not run both graphs")
-        old, new = times[ORIGINAL], times[REWRITTEN]
-        load = " (under load from other processes)" if times.contended else ""
-        line = f"whole model, warm, on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms as written{load}"
-        if not rewrite_wins(times):
-            return report.kept_original(f"kept original: the rewritten graph ran {new / old:.2f}x the time").noted(line)
-        return report.noted(line)
+        return judged(report, times, "whole model")
 
     def _trace(self, flat: tuple) -> fx.GraphModule | str:
         """The captured graph for this pattern of None/bool arguments and training flags, or

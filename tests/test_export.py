@@ -58,6 +58,18 @@ def test_nothing_faster_returns_the_same_program(fake_table):
     assert new is ep and len(report) == 2 and not report.rewritten
 
 
+@pytest.mark.parametrize("check", [True, False])
+def test_a_rewritten_program_slower_as_a_whole_is_not_returned_unless_unchecked(fake_table, check_times, check):
+    check_times.result = {"original": 1e-3, "rewritten": 2e-3}
+    model, x = ConvThenLinear().eval(), torch.randn(2, 8, 12)
+    ep = torch.export.export(model, (x,))
+    new, report = rewrite_exported(ep, executor="eager", check=check, table=forcing(fake_table, model, x, "eager"))
+    if check:
+        assert new is ep and not report.rewritten and "2.000 ms rewritten, 1.000 ms as exported" in report.note
+    else:
+        assert new is not ep and report.rewritten and not conv_ops(new)
+
+
 def test_a_program_with_dynamic_dimensions_is_returned_as_it_is():
     model, x = ConvThenLinear().eval(), torch.randn(2, 8, 12)
     ep = torch.export.export(model, (x,), dynamic_shapes=({2: torch.export.Dim("length", min=2)},))
