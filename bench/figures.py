@@ -337,7 +337,8 @@ def heading(marks: tuple[str, str], title: str, command: str) -> list[str]:
 
 def publish(text: str, marks: tuple[str, str]) -> None:
     """Print a section of RESULTS.md and put it in place (:func:`replace_section`)."""
-    publish(text, marks)
+    print(text)
+    replace_section(text, marks)
 
 
 def replace_section(text: str, marks: tuple[str, str]) -> None:
