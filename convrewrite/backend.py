@@ -20,7 +20,7 @@ after it, before the first call returns (reusing the kernels they share), and th
 both. With ``options={"alternatives": "background"}`` only the rewritten graph compiles before
 the first call, which costs about one compile as inductor's does; the original compiles on a
 background thread while it runs, and the first call after it is ready times both and picks
-(:func:`settle` waits for them). Opt-in, because a compile traces with fx, and fx patches
+(:func:`settle` waits for it). Opt-in, because a compile traces with fx, and fx patches
 ``nn.Module`` for the whole process while it traces: the background compile and convrewrite's
 own captures take one lock, but an ``fx.symbolic_trace`` or ``torch.export`` of your own in
 another thread at the same time would corrupt both traces. For inductor, each rewritten
