@@ -66,9 +66,6 @@ def _partitions(gm: fx.GraphModule) -> list[list[fx.Node]]:
     of the node it reads, and loops forever when the two it reads lie in different partitions
     (seen with torch 2.13)."""
     support = create_op_support(lambda _, node: _name(node) in _OPS)
-    if not any(_indexes(node) for node in gm.graph.nodes):
-        return [list(p.nodes) for p in CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True)
-                .propose_partitions()]
     copied: dict[fx.Node, fx.Node] = {}
     graph = fx.Graph()
     graph.graph_copy(gm.graph, copied)
