@@ -35,7 +35,7 @@ from convrewrite.table import fingerprint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from figures import command_line, publish  # noqa: E402
-from workloads import AudioStack, InvertedResidual, PointNetEncoder  # noqa: E402
+from workloads import AudioStack, InvertedResidual, MyConv2d, PointNetEncoder  # noqa: E402
 
 MARKS = ("<!-- bench:ddp -->", "<!-- /bench:ddp -->")
 ROUTES = ("optimize", "compile")
@@ -43,6 +43,9 @@ MODELS = {  # name: (model, one rank's batch)
     "PointNet encoder": (PointNetEncoder, lambda: torch.randn(8, 3, 1024)),
     "MobileNetV2 block": (InvertedResidual, lambda: torch.randn(8, 32, 28, 28)),
     "audio stack": (AudioStack, lambda: torch.randn(8, 1, 16000)),
+    # sites that win, so that the ranks' agreement is not trivial
+    "Conv1d(8, 32, 1)": (lambda: torch.nn.Conv1d(8, 32, 1), lambda: torch.randn(64, 8, 256)),
+    "unfold + matmul conv": (lambda: MyConv2d(unfold_matmul=True), lambda: torch.randn(4, 16, 64, 64)),
 }
 
 

@@ -15,6 +15,8 @@
 - ``stability``: the same models decided in 3 fresh processes, each with its own cache dir.
 - ``prediction``: the shipped table's choices on random specs it has not seen, by prediction
   alone (``measure=False``) and with the default ``measure="auto"`` (bench/run.py's grid).
+- ``code``: the figure the pass weighs a Python loop by (the code as written, timed as it
+  decides) against the steady state of the model that runs it, for bench/workloads.py's loops.
 - ``overhead``: the optimized module's own cost per call where nothing was rewritten.
 
 The machine's other load is read from /proc/stat during each part and printed with it.
@@ -41,6 +43,7 @@ from tabulate import tabulate
 
 import convrewrite
 from convrewrite.progress import bar
+from convrewrite.decide import AS_WRITTEN
 from convrewrite.forms import forms_for
 from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.kinds.channel_mix.forms import ORIGINAL
@@ -231,6 +234,43 @@ def bench_prediction(n: int, seed: int) -> dict:
     return bench_grid(argparse.Namespace(grid_seed=seed, grid=n, rounds=15, block=0.01))
 
 
+# -- code -----------------------------------------------------------------------------------
+CODE_WORKLOADS = ("tap-loop", "unfold-matmul", "convolve-loop", "per-pixel-16")
+CODE_MODES = ("infer", "train-w", "train")  # train-w: a first layer's step (no gradient for the data)
+
+
+def bench_code() -> dict:
+    """Each loop's figure as written (the site's time of the code, as the pass measured it to
+    decide) against the steady state of the model running it, per mode."""
+    from workloads import LOOP_WORKLOADS
+    os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-figures-")
+    rows = []
+    for w in (w for w in LOOP_WORKLOADS if w.name in CODE_WORKLOADS):
+        for mode in CODE_MODES if w.train else CODE_MODES[:1]:
+            before, figure, after = _code_figure(w, mode)
+            steady = (before + after) / 2
+            rows.append({"workload": w.name, "mode": mode, "figure_us": figure * 1e6, "steady_us": steady * 1e6,
+                         "ratio": figure / steady, "steady_drift": before / after})
+            print(f"code: {w.name} {mode} done", file=sys.stderr)
+    return {"rows": rows, "within_15pct": _share(r["ratio"] for r in rows),
+            "steady_within_15pct": _share(r["steady_drift"] for r in rows)}
+
+
+def _code_figure(workload, mode: str) -> tuple[float, float, float]:
+    """The model's steady state in ``mode``, the pass's figure for its loop as written, and
+    the steady state again."""
+    model, inputs = workload.make()
+    for x in inputs:
+        x.requires_grad_(mode == "train")
+    with torch.set_grad_enabled(mode != "infer"):
+        call = (lambda m: lambda: m(*inputs)) if mode == "infer" else (lambda m: lambda: m(*inputs).sum().backward())
+        before = steady_seconds(call(model))
+        optimized = convrewrite.optimize(model, measure=True)
+        call(optimized)()
+        (site,) = [s for s in optimized.report if s.pattern == "conv loop"]
+        return before, site.times[AS_WRITTEN], steady_seconds(call(model))
+
+
 # -- overhead -------------------------------------------------------------------------------
 def bench_overhead() -> dict:
     """Per-call cost of the optimized module over the plain one where nothing is rewritten, at
@@ -305,6 +345,18 @@ def section(data: dict) -> str:
     if "prediction" in data:
         from run import grid_text
         lines += ["### The shipped table on unseen shapes", "", _run(data["prediction"]), grid_text(data["prediction"]), ""]
+    if "code" in data:
+        c = data["code"]
+        lines += ["### Loops as written: figures against the steady state", "", _run(c),
+                  "The seconds per call the pass weighs a loop by (its report's time of the code, measured at the "
+                  "first call with `measure=True`) against the model's steady state, read before and after as "
+                  "above; quiet machine. train-w: a first layer's training step (no gradient for the data). Figures "
+                  f"within 15% of the steady state: {c['within_15pct']:.0%}; the two steady-state readings within "
+                  f"15% of each other: {c['steady_within_15pct']:.0%}.", "",
+                  tabulate([(r["workload"], r["mode"], f"{r['figure_us']:.1f}", f"{r['steady_us']:.1f}", _r(r["ratio"]),
+                             _r(r["steady_drift"])) for r in c["rows"]],
+                           ["workload", "mode", "figure us", "steady us", "figure/steady", "steady drift"],
+                           tablefmt="github"), ""]
     if "overhead" in data:
         o = data["overhead"]
         lines += ["### Per-call overhead", "", _run(o),
@@ -352,7 +404,7 @@ def replace_section(text: str, marks: tuple[str, str]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", action="append", default=[], help="steady, choices, stability, prediction or overhead (repeatable)")
+    p.add_argument("--only", action="append", default=[], help="steady, choices, stability, prediction, code or overhead (repeatable)")
     p.add_argument("--models", type=int, default=40)
     p.add_argument("--seed", type=int, default=16)
     p.add_argument("--busy-cores", type=int, default=1)
@@ -373,7 +425,8 @@ def main(argv=None) -> int:
     parts = {"steady": bench_steady, "choices_quiet": lambda: bench_choices(specs, 0),
              "choices_busy": lambda: bench_choices(specs, args.busy_cores),
              "stability": lambda: bench_stability(args.models, args.seed),
-             "prediction": lambda: bench_prediction(args.models, args.seed), "overhead": bench_overhead}
+             "prediction": lambda: bench_prediction(args.models, args.seed), "code": bench_code,
+             "overhead": bench_overhead}
     command = command_line("figures.py", argv)
     for name, run in bar(parts.items(), desc="parts", unit="part"):
         if wanted(name.split("_")[0]):

@@ -108,3 +108,9 @@ def test_slow_blocks_above_the_quantile_do_not_widen_its_error(simulated):
     calls = itertools.chain([1e-3, 1e-3], itertools.cycle(steady + [10e-3] * 4))
     times = measure.time_callables({"op": lambda: next(calls)}, rounds=24)
     assert times.spread["op"] > 1.0 and times.error["op"] < 0.02
+
+
+def test_user_code_is_timed_after_its_first_call():
+    """A first call slowed by its allocations is not the figure: 100 ms, then 30 ms per call."""
+    calls = itertools.count()
+    assert measure.time_code(lambda: time.sleep(0.1 if next(calls) == 0 else 0.03)) < 0.08

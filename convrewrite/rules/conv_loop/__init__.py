@@ -143,7 +143,9 @@ def _lift(module: torch.nn.Module, args: dict, out, *, shrink: bool = True):
     if info(tensors[lifted.x]).dtype != out.dtype:
         raise NotLiftable("returns another dtype than its data")
     spec = dataclasses.replace(lifted.spec, input_grad=info(tensors[lifted.x]).requires_grad)
-    return lifted, spec, (functools.partial(_source_runner, module, run, operands, lifted.spec), (key, spec.key()))
+    with_grad = frozenset([n for n, v in tensors.items() if info(v).requires_grad]
+                          + [n for n, t in state.items() if t.requires_grad])
+    return lifted, spec, (functools.partial(_source_runner, module, run, operands, spec, with_grad), (key, spec.key()))
 
 
 _ANALYSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {what it was analysed for: result}
@@ -178,17 +180,21 @@ def _code_state(module: torch.nn.Module) -> tuple:
 
 
 @contextlib.contextmanager
-def _source_runner(module: torch.nn.Module, run, operands: list[Operand], spec):
-    """A call that runs the code on random operands as its forms are timed (forward, and
-    backward if ``spec.grad``); the module's attributes are put back when the block ends."""
+def _source_runner(module: torch.nn.Module, run, operands: list[Operand], spec, with_grad: frozenset[str]):
+    """A call that runs the code on random operands as its forms are timed: forward, and if
+    ``spec.grad`` backward to the operands named in ``with_grad`` (a first layer's data gets
+    no gradient). Those operands require grad in inference too, as the model's parameters do:
+    ``matmul`` takes another path for them (an unfold + matmul loop ran 1.5x slower so).
+    The module's attributes are put back when the block ends."""
     seeded = generator(spec.device, 0)
     values = {o.name: torch.randn(o.shape, generator=seeded, dtype=spec.torch_dtype, device=spec.device)
-              .requires_grad_(spec.grad) for o in operands}
+              .requires_grad_(o.name in with_grad) for o in operands}
+    wrt = [v for v in values.values() if v.requires_grad]
 
     def call():
-        out = run(values)
-        return torch.autograd.grad(out, list(values.values()), torch.ones_like(out), allow_unused=True) \
-            if spec.grad else out
+        with torch.set_grad_enabled(spec.grad):
+            out = run(values)
+        return torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True) if spec.grad and wrt else out
     with state_kept(module):  # timing runs must leave nothing in the module
         yield call
 

@@ -267,3 +267,28 @@ def test_the_rule_does_not_time_the_code_it_lifts(monkeypatch):
     assert site.spec is not None and site.from_code and site.source_runner is not None
     with site.source_runner() as run:
         assert run().shape == x.shape
+
+
+@pytest.mark.parametrize("mode", ["infer", "train-w", "train"])
+def test_the_code_is_timed_with_the_gradients_the_model_needs(mode, monkeypatch):
+    """The code is timed on operands that require grad as the model's do (``matmul`` takes
+    another path for a parameter, even in inference), with a backward only where the model
+    records one, and no gradient for a first layer's data."""
+    flags, real = [], torch.func.functional_call
+
+    def recorded(module, state, args, *rest, **kwargs):
+        flags.append(sorted({t.requires_grad for t in (*state.values(), *args)}))
+        return real(module, state, args, *rest, **kwargs)
+
+    monkeypatch.setattr(torch.func, "functional_call", recorded)
+    model, x = CausalTaps(), torch.randn(2, 4, 30, requires_grad=mode == "train")
+    gm = capture(model)
+    with torch.set_grad_enabled(mode != "infer"):
+        annotate(gm, (x,))
+    fold_sizes(gm)
+    (site,) = conv_loop.find(gm)
+    with site.source_runner() as run:
+        out = run()
+    assert site.spec.input_grad == (mode == "train") and site.spec.grad == (mode != "infer")
+    assert flags[-1] == ([True] if mode == "train" else [False, True])
+    assert isinstance(out, torch.Tensor) if mode == "infer" else len(out) == (2 if mode == "train" else 1)
