@@ -87,9 +87,10 @@ def bench_steady() -> dict:
         spec = ChannelMixSpec(batch, cin, cout, (length,))
         forms = [f for f in forms_for(spec) if f.name in (ORIGINAL, "linear", "baddbmm")]
         args = spec.example_inputs(torch.Generator().manual_seed(0))
-        before = {f.name: steady_seconds(form_call(f, spec, args)) for f in forms}
-        figures = time_forms(spec, forms)
-        after = {f.name: steady_seconds(form_call(f, spec, args)) for f in forms}
+        with torch.no_grad():  # as a model runs in inference
+            before = {f.name: steady_seconds(form_call(f, spec, args)) for f in forms}
+            figures = time_forms(spec, forms)
+            after = {f.name: steady_seconds(form_call(f, spec, args)) for f in forms}
         for form in forms:
             steady = (before[form.name] + after[form.name]) / 2
             rows.append({"spec": spec.describe(), "form": form.name, "figure_us": figures[form.name] * 1e6,

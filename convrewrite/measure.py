@@ -313,7 +313,9 @@ def _block(timer: benchmark.Timer, number: int) -> float:
 
 def form_call(form: Form, spec, args: tuple) -> Callable[[], object]:
     """A zero-argument call of ``form`` on ``args`` (x, *params): forward, plus backward if
-    ``spec.grad``; compiled by inductor first if that is the spec's executor."""
+    ``spec.grad``; compiled by inductor first if that is the spec's executor. Call it with
+    grad mode as ``spec.grad`` says (:func:`time_forms` does): the parameters require grad
+    as a model's do, so an inference call must not record."""
     fn = functools.partial(form.fn, spec=spec)
     if spec.executor == "inductor":
         fn = torch.compile(fn, dynamic=False)
@@ -334,4 +336,5 @@ def time_forms(spec, forms: list[Form], *, rounds: int = 15, block_s: float = 0.
     """Seconds per call of each form on random inputs shaped like ``spec`` (drawn from a
     private generator: measuring must not move the user's random number stream)."""
     args = spec.example_inputs(generator(spec.device, 0))
-    return time_callables({f.name: form_call(f, spec, args) for f in forms}, rounds=rounds, block_s=block_s)
+    with torch.set_grad_enabled(spec.grad):  # around the timing: 2 us a call inside it
+        return time_callables({f.name: form_call(f, spec, args) for f in forms}, rounds=rounds, block_s=block_s)

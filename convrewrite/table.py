@@ -37,7 +37,8 @@ from .device import device_type, fingerprint
 from .forms import source_hashes
 from .kinds import get_kind, kinds, parse_key
 
-VERSION = 4  # 2: spec keys carry the executor; 3: and train-w; 4: figures of the warm, low-quantile protocol, with meta
+VERSION = 5  # 2: spec keys carry the executor; 3: and train-w; 4: figures of the warm, low-quantile protocol, with meta;
+# 5: inference figures taken on parameters that require grad, as a model's do
 TABLES_DIR = Path(__file__).parent / "tables"
 NEIGHBOURS = 4
 VOTERS = 8

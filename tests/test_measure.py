@@ -114,3 +114,23 @@ def test_user_code_is_timed_after_its_first_call():
     """A first call slowed by its allocations is not the figure: 100 ms, then 30 ms per call."""
     calls = itertools.count()
     assert measure.time_code(lambda: time.sleep(0.1 if next(calls) == 0 else 0.03)) < 0.08
+
+
+@pytest.mark.parametrize("mode", ["infer", "train-w", "train"])
+def test_forms_are_timed_on_operands_requiring_grad_as_a_models_do(mode):
+    """Parameters require grad in inference too (``matmul`` takes another path for them), and
+    an inference call records nothing; the data requires grad only where its gradient is needed."""
+    import torch
+
+    from convrewrite.forms import Form
+    from convrewrite.kinds.channel_mix import ChannelMixSpec
+
+    seen = set()
+
+    def spy(x, w, b, *, spec):
+        seen.add((torch.is_grad_enabled(), x.requires_grad, w.requires_grad, b.requires_grad))
+        return (x * 2).mean(1, keepdim=True) + w.sum() + b.sum()
+
+    spec = ChannelMixSpec(2, 4, 8, (5,), grad=mode != "infer", input_grad=mode == "train")
+    measure.time_forms(spec, [Form("channel_mix", "spy", spy)], rounds=1, block_s=0)
+    assert seen == {(mode != "infer", mode == "train", True, True)}

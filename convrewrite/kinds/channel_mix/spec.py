@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from ...spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, SpecBase, to_layout
+from ...spec import CHANNELS_FIRST, CHANNELS_LAST, STRIDED, SpecBase, requiring_grad_as_in_a_model, to_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +134,5 @@ class ChannelMixSpec(SpecBase):
         w = torch.randn(self.out_channels, self.in_channels // self.groups, *(1,) * self.ndim,
                         generator=generator, **kw) / math.sqrt(self.in_channels // self.groups)
         b = torch.randn(self.out_channels, generator=generator, **kw) if self.bias else None
-        if self.grad:
-            x.requires_grad_(self.input_grad)
-            w.requires_grad_(True)
-            if b is not None:
-                b.requires_grad_(True)
+        requiring_grad_as_in_a_model(self, x, (w, b))
         return x, w, b

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from ...spec import SpecBase
+from ...spec import SpecBase, requiring_grad_as_in_a_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +113,5 @@ class ConvSpec(SpecBase):
         x = torch.randn(*self.x_shape, generator=generator, **kw)
         w = torch.randn(*self.w_shape, generator=generator, **kw) / math.sqrt(fan_in)
         b = torch.randn(self.conv_weight_shape[0], generator=generator, **kw) if self.bias else None
-        if self.grad:
-            x.requires_grad_(self.input_grad)
-            for t in (w, b):
-                if t is not None:
-                    t.requires_grad_(True)
+        requiring_grad_as_in_a_model(self, x, (w, b))
         return x, w, b

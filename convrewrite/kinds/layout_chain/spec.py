@@ -8,7 +8,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from ...spec import CHANNELS_FIRST, CHANNELS_LAST, SpecBase, to_layout
+from ...spec import CHANNELS_FIRST, CHANNELS_LAST, SpecBase, requiring_grad_as_in_a_model, to_layout
 
 
 class Mix(NamedTuple):
@@ -145,9 +145,5 @@ class ChainSpec(SpecBase):
             x = to_layout(x, CHANNELS_LAST)
         params = [None if s is None else torch.randn(*s, generator=generator, **kw) / math.sqrt(s[-1])
                   for s in self.param_shapes()]
-        if self.grad:
-            x.requires_grad_(self.input_grad)
-            for p in params:
-                if p is not None:
-                    p.requires_grad_(True)
+        requiring_grad_as_in_a_model(self, x, params)
         return (x, *params)
