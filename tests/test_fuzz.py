@@ -4,6 +4,7 @@ with every site forced to a random form, give the original's outputs, gradients 
 import copy
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -144,6 +145,17 @@ def assert_close_scaled(got, want, exact, tol, noise=0.0):
           suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_optimized_models_equal_their_originals(case):
+    # oneDNN's bfloat16 1x1 conv backward (weights) corrupts the heap now and then (torch
+    # 2.13, AVX512): under gdb, a run died at exit freeing the attr of a cached
+    # jit_avx512_core_bf16_1x1_convolution_bwd_weights_t, original and rewrite alike running
+    # that conv; bfloat16 cases use torch's own kernels
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TF32 acceleration on top of oneDNN")  # said by flags() on CPU
+        with torch.backends.mkldnn.flags(enabled=case[1].dtype != torch.bfloat16):
+            _equal_to_original(case)
+
+
+def _equal_to_original(case):
     model, x, tol, train, rng = case
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     model.train(train and not (batchnorm and x.shape[0] < 2))  # BatchNorm cannot train on one value
