@@ -276,6 +276,9 @@ class ConvRewriteModule(nn.Module):
     def __len__(self):
         return len(self.original)
 
+    def __bool__(self):  # as the original's: a module without __len__ is true, not a TypeError
+        return bool(self.original)
+
     def __iter__(self):
         return iter(self.original)
 

@@ -435,6 +435,11 @@ def test_original_attributes_methods_and_indexing_stay_reachable():
         opt.no_such_attribute
 
 
+def test_an_optimized_module_is_true_as_its_original_is():
+    assert convrewrite.optimize(nn.Conv1d(2, 2, 1))  # a module without __len__: `if model:` holds
+    assert not convrewrite.optimize(nn.Sequential())
+
+
 @pytest.mark.parametrize("bad, error", [
     (dict(forms=("matmull",)), "unknown form name"), (dict(forms="baddbmm"), "sequence of form names"),
     (dict(table="/no/such/table.json"), "no cost-table file"), (dict(margin=True), "margin must be"),

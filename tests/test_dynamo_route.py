@@ -221,6 +221,17 @@ def test_an_optimized_submodule_with_kwargs_inside_a_model_and_optimized_twice()
     assert list(twice.state_dict()) == list(Outer().state_dict())
 
 
+def test_sites_under_an_optimized_module_are_named_by_the_paths_a_user_writes():
+    inner = KwargsModel()
+    model = nn.Sequential(nn.Sequential(convrewrite.optimize(inner)))
+    x = torch.randn(2, 4, 5)
+    inner(x)
+    twice = convrewrite.optimize(model)
+    twice(x)
+    paths = [s.path for s in twice.report_for(x).sites]
+    assert "0.0.proj" in paths and all(model.get_submodule(p.split(":")[0]) for p in paths)
+
+
 @pytest.mark.parametrize("isolates", [True, False], ids=["isolated entries", "limit raised (torch < 2.13)"])
 def test_many_signatures_and_instances_are_each_captured_past_dynamos_recompile_limit(isolates, monkeypatch):
     # dynamo keeps at most recompile_limit (8) graphs per code object; transformers models all

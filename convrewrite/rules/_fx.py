@@ -1,7 +1,9 @@
-"""What the rules share about fx graphs: float dtypes, functional conv calls, and modules
-that run torch.nn's own forward."""
+"""What the rules share about fx graphs: float dtypes, functional conv calls, modules
+that run torch.nn's own forward, and where a node ran, for reports."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.fx as fx
@@ -35,6 +37,29 @@ def runs_own_forward(mod: nn.Module) -> bool:
     """Does ``mod`` run the forward of the torch.nn class it derives from (no override)?"""
     base = next((c for c in type(mod).__mro__ if c.__module__.startswith("torch.nn.modules")), None)
     return base is not None and type(mod).forward is base.forward
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the innermost module ``node`` ran in, from the root module ("" for
+    the root itself or where unknown). Dynamo names a module by the source it was reached
+    through (``L['self'].blocks._modules['0']``, ``getattr(L['fn'].__self__.features, '12')``);
+    fx by its qualified name. An optimized module's proxy is left out, as it is from a user's
+    attribute access."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return _dotted(next(reversed(stack.values()))[0]) if stack else ""
+
+
+_ROOT = re.compile(r"^L\['[^']*'\](?:\.__self__)?\.?")
+# the proxy's ways to its original module: the attribute, or the first of its inlined modules
+_PROXY = re.compile(r"\.?__dict__\['_convrewrite_(?:original'\]|inlined'\]\[0\])")
+_ITEM = re.compile(r"(?:\._modules)?\[\'?([^'\]]*)\'?\]")
+
+
+def _dotted(source: str) -> str:
+    while (call := re.search(r"getattr\(([^()]*), '([^']*)'\)", source)):  # innermost first
+        source = f"{source[:call.start()]}{call[1]}.{call[2]}{source[call.end():]}"
+    source = _PROXY.sub("", _ROOT.sub("", source))
+    return _ITEM.sub(r".\1", source).strip(".")
 
 
 def _ntuple(v, n: int) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ from ..kinds.layout_chain import ChainSpec
 from ..kinds.layout_chain.forms import ORIGINAL
 from ..kinds.layout_chain.spec import Activation, Copy, Gelu, LayerNorm, Mix, PerChannel, Scalar
 from ..site import Site
-from ._fx import CONV_FUNCTIONS, FLOAT_DTYPES, conv_call_args, runs_own_forward
+from ._fx import CONV_FUNCTIONS, FLOAT_DTYPES, conv_call_args, module_path, runs_own_forward
 
 PATTERN = "layout chain"
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
@@ -316,4 +316,5 @@ def _path(nodes) -> str:
     mods = [n.target for n in nodes if n.op == "call_module"]
     if mods:
         return mods[0] if len(mods) == 1 else f"{mods[0]}..{mods[-1]}"
-    return nodes[0].name
+    module = module_path(nodes[0])
+    return f"{module}:{nodes[0].name}" if module else nodes[0].name

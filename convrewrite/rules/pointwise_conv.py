@@ -10,7 +10,6 @@ non-float dtypes.
 from __future__ import annotations
 
 import math
-import re
 
 import torch.fx as fx
 import torch.nn as nn
@@ -20,7 +19,13 @@ from ..hooks import has_hooks
 from ..kinds.channel_mix import ChannelMixSpec
 from ..kinds.channel_mix.forms import ORIGINAL
 from ..site import Site
-from ._fx import CONV_FUNCTIONS, FLOAT_DTYPES, conv_call_args, runs_own_forward
+from ._fx import (
+    CONV_FUNCTIONS,
+    FLOAT_DTYPES,
+    conv_call_args,
+    module_path,
+    runs_own_forward,
+)
 
 PATTERN = "pointwise conv"
 _MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -89,13 +94,8 @@ def _conv_base(mod: nn.Module):
 def _path_of(node: fx.Node) -> str:
     """The module path of a functional conv: its conv module's (dynamo), or owner:node."""
     stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return node.name
-    path, owner_type = next(reversed(stack.values()))
-    path = _DYNAMO_ROOT.sub("", path).replace("._modules['", ".").replace("']", "")
+    path = module_path(node)
+    owner_type = next(reversed(stack.values()))[1] if stack else None
     if isinstance(owner_type, type) and issubclass(owner_type, tuple(_MODULES)):
         return path
     return f"{path}:{node.name}" if path else node.name
-
-
-_DYNAMO_ROOT = re.compile(r"^L\['[^']*'\]\.?")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import re
 
 import torch.fx as fx
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
@@ -22,6 +21,7 @@ from torch.fx.passes.operator_support import create_op_support
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule, validate_partition
 
 from ...capture import info
+from .._fx import module_path
 from .lift import MAX_OPERANDS, POLYNOMIAL_OPS
 
 MAX_ELEMENTS = 2 ** 24  # larger tensors are not probed: lift runs the region in float64 at its real size
@@ -96,8 +96,7 @@ def as_module(gm: fx.GraphModule, region: Region) -> tuple[fx.GraphModule, tuple
 def path(region: Region) -> str:
     """Where the region is, for reports: its output's module path (as dynamo or fx names it)
     and node name."""
-    scopes = [path for path, _ in region.output.meta.get("nn_module_stack", {}).values()]
-    module = re.sub(r"^L\['\w+'\]\.?", "", scopes[-1]) if scopes else ""  # dynamo's name for the root
+    module = module_path(region.output)
     return f"{module}:{region.output.name}" if module else region.output.name
 
 
