@@ -26,7 +26,9 @@ own captures take one lock, but an ``fx.symbolic_trace`` or ``torch.export`` of 
 another thread at the same time would corrupt both traces. For inductor, each rewritten
 site's call is inlined as its form's ATen ops, so AOTAutograd's and the FX graph cache key the
 rewritten graph on its code (the table and rules that chose it included) and a warm cache
-serves it as it does the original. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
+serves it as it does the original. The two compiled graphs' figures, where clean, are kept in
+this machine's cost table (:class:`GraphFigures`): a later process that compiles the same graphs
+for the same inputs compiles the faster one alone, as inductor alone would. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
 convolutions, the graph as dynamo gave it is not compiled at all: that compile is what takes
 inductor minutes.
 """
@@ -38,6 +40,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import logging
 import threading
 from typing import Callable
@@ -50,10 +53,13 @@ from . import distributed
 from .capture import META, TRACING, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
 from .emit import SiteCall, with_strides
+from .forms import source_hashes
 from .kinds.conv import ConvSpec
+from .measure import Timings
 from .options import Options
-from .pipeline import rewrite
+from .pipeline import rewrite, table_for
 from .report import Report
+from .table import user_table_path
 from .warn import warn_user
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,7 @@ BACKEND_ONLY = ("inner", "alternatives")  # backend options that are not the pas
 # Loops that unrolled into more ops than this are not compiled as written: inductor took
 # 17 s on a 148-op per-pixel loop and 130 s on a 1605-op one (2-core CPU).
 UNROLLED = 256
+GRAPH_KEY = "graph"  # the table-key prefix of compiled graphs' figures (no spec kind has this name)
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
 _PENDING: set[concurrent.futures.Future] = set()
 _PENDING_LOCK = threading.Lock()
@@ -138,10 +145,66 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
                               "became convolutions")
         original = None
     variants = _variants(original, gm, report, inner)
+    # every rank of a job must compile what rank 0 chooses from: their cache dirs may differ
+    memory = GraphFigures.of(variants, example_inputs, inner, mode, report) if not coordinated else None
+    if memory is not None and (times := memory.recalled()) is not None:
+        chosen = fastest(times, slack_s=FRAME_S)
+        report = _as_timed_before(report, times, chosen)
+        variants, memory = {chosen: variants[chosen]}, None
     # ranks would be ready at different calls: one waiting in its forward for rank 0's choice,
     # while rank 0, not ready yet, waits in DDP's all-reduce for it
     return FastestCompiled(variants, compile_one, report, params, background and not coordinated,
-                           topic and f"{topic}\nfastest of {sorted(variants)}")
+                           topic and f"{topic}\nfastest of {sorted(variants)}", memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphFigures:
+    """Where the compiled graphs of one dynamo graph, timed side by side, are kept: an entry of
+    this machine's cost table under a key that covers what their speed depends on (both
+    graphs' code, the forms and their source, the inputs' sizes, strides, dtypes and grad,
+    the inner compiler and its mode; the table's fingerprint covers the machine, its threads
+    and torch). A later process that finds clean figures there compiles the faster graph
+    alone: the second compile and the timing are most of the backend's first call over
+    inductor's."""
+
+    key: str
+    device: str
+
+    @classmethod
+    def of(cls, variants: dict, example_inputs, inner, mode: str | None, report: Report) -> GraphFigures | None:
+        """The place for these variants' figures (None where there is no choice to remember,
+        or the inner compiler is the user's own, which no key can name)."""
+        if len(variants) < 2 or not isinstance(inner, str):
+            return None
+        tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+        inputs = [(tuple(t.shape), tuple(t.stride()), str(t.dtype), t.requires_grad) for t in tensors]
+        hashes = source_hashes()
+        forms = sorted((s.key, s.chosen, hashes.get(s.chosen, "")) for s in report.rewritten)
+        code = "\n".join(variants[name].code for name in sorted(variants))
+        text = f"{inner} {mode} {torch.is_grad_enabled()} {inputs} {forms}\n{code}"
+        device = tensors[0].device.type if tensors else "cpu"
+        return cls(f"{GRAPH_KEY}|{hashlib.sha256(text.encode()).hexdigest()[:32]}", device)
+
+    def recalled(self) -> dict[str, float] | None:
+        """The figures a process on this machine kept for these graphs, if any."""
+        times = self._table().entries.get(self.key)
+        return times if times and {ORIGINAL, REWRITTEN} <= set(times) else None
+
+    def keep(self, times: Timings) -> None:
+        """Keep clean figures (never those taken under load)."""
+        if not times.contended and {ORIGINAL, REWRITTEN} <= set(times):
+            self._table().remember(self.key, dict(times), {}, times.record(), user_table_path(self.device))
+
+    def _table(self):
+        return table_for(self.device, Options())  # this machine's own (a table= file is the pass's)
+
+
+def _as_timed_before(report: Report, times: dict[str, float], chosen: str) -> Report:
+    report = report.noted("compiled graphs on these inputs, as timed before on this machine: " + ", ".join(
+        f"{name} {t * 1e3:.3f} ms" for name, t in sorted(times.items())) + f"; only {chosen} compiled")
+    if chosen != REWRITTEN and report.rewritten:
+        report = report.kept_original(f"kept original: {chosen} ran faster when timed before")
+    return report
 
 
 def _topic(gm: fx.GraphModule, example_inputs, options: Options, inner) -> str:
@@ -188,8 +251,8 @@ class FastestCompiled:
     is returned to dynamo itself, with no wrapper around its calls)."""
 
     def __init__(self, variants: dict, compile_one: Callable, report, params: list, background: bool = False,
-                 topic: str | None = None):
-        self.report, self._params, self._topic = report, params, topic
+                 topic: str | None = None, memory: GraphFigures | None = None):
+        self.report, self._params, self._topic, self._memory = report, params, topic, memory
         first = REWRITTEN if REWRITTEN in variants else ORIGINAL
         self.compiled = {first: compile_one(variants[first])}
         rest = {name: v for name, v in variants.items() if name != first}
@@ -235,6 +298,8 @@ class FastestCompiled:
 
     def _fastest(self, args) -> str:
         times = compiled_times(self.compiled, list(args), self._params)
+        if self._memory is not None:
+            self._memory.keep(times)
         self.report = self.report.noted("compiled graphs on these inputs: " + ", ".join(
             f"{name} {t * 1e3:.3f} ms" for name, t in times.items()))
         return fastest(times, slack_s=FRAME_S)

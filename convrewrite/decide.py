@@ -151,7 +151,4 @@ def _measure(table: CostTable, spec, forms) -> Timings:
 
 def _remember(table: CostTable, spec, times: Timings, forms) -> None:
     hashes = {f.name: f.source_hash for f in forms if f.name in times}
-    table.add(spec.key(), dict(times), hashes, times.record())
-    fresh = CostTable(table.fingerprint)
-    fresh.add(spec.key(), dict(times), hashes, times.record())
-    fresh.write(user_table_path(spec.device))
+    table.remember(spec.key(), dict(times), hashes, times.record(), user_table_path(spec.device))

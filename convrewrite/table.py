@@ -75,7 +75,8 @@ def shipped_table_path(device="cpu") -> Path:
 
 @dataclasses.dataclass
 class CostTable:
-    """Seconds per call, ``entries[spec_key][form_name]``, for one device."""
+    """Seconds per call, ``entries[spec_key][form_name]``, for one device (and the backend's
+    compiled graphs, ``entries["graph|..."][variant]``: see :class:`convrewrite.backend.GraphFigures`)."""
 
     fingerprint: dict
     entries: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -176,6 +177,15 @@ class CostTable:
         if meta is not None:
             self.meta[key] = meta
         self._nearest.clear()
+
+    def remember(self, key: str, times: dict[str, float], form_hashes: dict[str, str], meta: dict,
+                 path: Path) -> None:
+        """:meth:`add` a clean measurement here and merge it into the table file at ``path``
+        (this machine's user table), so later processes find it."""
+        self.add(key, times, form_hashes, meta)
+        fresh = CostTable(self.fingerprint)
+        fresh.add(key, times, form_hashes, meta)
+        fresh.write(path)
 
     def _drop_stale_forms(self) -> None:
         """Forget timings of forms whose source changed since they were measured."""

@@ -11,11 +11,12 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
-from convrewrite import backend
+from convrewrite import backend, pipeline
 from convrewrite.backend import annotate_from_meta, inline_site_calls, parse_options, settle
 from convrewrite.capture import META, TRACING, annotate, capture
 from convrewrite.emit import site_calls
 from convrewrite.forms import forms_for
+from convrewrite.measure import Timings
 from convrewrite.options import Options
 from convrewrite.pipeline import rewrite
 from convrewrite.rules import find_sites
@@ -340,7 +341,6 @@ def test_an_alternative_that_fails_to_compile_leaves_the_favoured_graph_running(
 
 @pytest.mark.parametrize("stage", ["annotate_from_meta", "rewrite"])
 def test_a_failure_of_the_pass_compiles_the_graph_as_dynamo_gave_it(stage, fake_table, monkeypatch, caplog):
-    from convrewrite import backend
     model, x = stack(), torch.randn(4, 8, 32)
     table = table_forcing(fake_table, model, x, "matmul")
 
@@ -394,3 +394,36 @@ def test_fullgraph_and_mark_dynamic_compose_with_the_backend(fake_table):
         y = torch.randn(4, 8, length)
         torch._dynamo.mark_dynamic(y, 2)
         torch.testing.assert_close(compiled(y), model(y))
+
+
+@pytest.mark.parametrize("result, runs", [({"original": 2e-3, "rewritten": 1e-3}, "rewritten"),
+                                          ({"original": 1e-3, "rewritten": 2e-3}, "original")])
+def test_a_later_process_compiles_only_the_graph_timed_faster_before(fake_table, check_times, monkeypatch, caplog,
+                                                                     result, runs):
+    compiled_graphs = []
+
+    def compile_eagerly(inner, gm, **_):
+        compiled_graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(backend, "_compile", compile_eagerly)
+    model, x = stack(), torch.randn(4, 8, 32)
+    options = {"inner": "eager", "table": str(table_forcing(fake_table, model, x, "matmul"))}
+    check_times.result = result
+    for _ in range(2):  # the second as a later process would: dynamo reset, the table read from disk
+        torch._dynamo.reset()
+        pipeline._loaded.cache_clear()
+        with caplog.at_level("INFO", logger="convrewrite.backend"):
+            torch.testing.assert_close(torch.compile(model, backend="convrewrite", options=options)(x), model(x))
+    first, later = backend_reports(caplog)
+    assert len(compiled_graphs) == 3 and first.ran == later.ran == runs
+    assert "timed before on this machine" in later.note and bool(later.rewritten) == (runs == "rewritten")
+
+
+def test_compiled_graphs_timed_under_load_are_not_kept():
+    figures = backend.GraphFigures("graph|test", "cpu")
+    figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, busy=1.0))
+    pipeline._loaded.cache_clear()
+    assert figures.recalled() is None
+    figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, busy=0.0))
+    pipeline._loaded.cache_clear()
+    assert figures.recalled() == {"original": 2e-3, "rewritten": 1e-3}
