@@ -65,6 +65,18 @@ class Recorder:
         return run
 
 
+@pytest.fixture
+def compiled_graphs(monkeypatch) -> list:
+    """The graphs the backend compiles (with any inner compiler), each run eagerly."""
+    graphs = []
+
+    def compile_eagerly(inner, gm, **_):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(backend, "_compile", compile_eagerly)
+    return graphs
+
+
 def backend_reports(caplog) -> list:
     """The reports the backend logged, one per compiled graph (once it chose what runs)."""
     return [r.args[0] for r in caplog.records if r.name == "convrewrite.backend"]
@@ -183,13 +195,7 @@ def test_check_false_compiles_the_rewritten_graph_alone(fake_table):
 
 
 @pytest.mark.parametrize("forms, compiles", [((), ["original"]), (("matmul",), ["rewritten", "original"])])
-def test_under_inductor_the_original_compiles_alongside_a_rewrite_only(forms, compiles, monkeypatch, caplog):
-    compiled_graphs = []
-
-    def compile_eagerly(inner, gm, **_):
-        compiled_graphs.append(gm)
-        return gm.forward
-    monkeypatch.setattr(backend, "_compile", compile_eagerly)
+def test_under_inductor_the_original_compiles_alongside_a_rewrite_only(forms, compiles, compiled_graphs, caplog):
     model, x = stack(), torch.randn(2, 8, 16)
     compiled = torch.compile(model, backend="convrewrite", options={"forms": forms, "measure": False})
     with caplog.at_level("INFO", logger="convrewrite.backend"), torch.no_grad():
@@ -398,14 +404,8 @@ def test_fullgraph_and_mark_dynamic_compose_with_the_backend(fake_table):
 
 @pytest.mark.parametrize("result, runs", [({"original": 2e-3, "rewritten": 1e-3}, "rewritten"),
                                           ({"original": 1e-3, "rewritten": 2e-3}, "original")])
-def test_a_later_process_compiles_only_the_graph_timed_faster_before(fake_table, check_times, monkeypatch, caplog,
+def test_a_later_process_compiles_only_the_graph_timed_faster_before(fake_table, check_times, compiled_graphs, caplog,
                                                                      result, runs):
-    compiled_graphs = []
-
-    def compile_eagerly(inner, gm, **_):
-        compiled_graphs.append(gm)
-        return gm.forward
-    monkeypatch.setattr(backend, "_compile", compile_eagerly)
     model, x = stack(), torch.randn(4, 8, 32)
     options = {"inner": "eager", "table": str(table_forcing(fake_table, model, x, "matmul"))}
     check_times.result = result
