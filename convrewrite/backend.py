@@ -59,7 +59,7 @@ from .measure import Timings
 from .options import Options
 from .pipeline import rewrite, table_for
 from .report import Report
-from .table import user_table_path
+from .table import GRAPH_KEY, user_table_path
 from .warn import warn_user
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,6 @@ BACKEND_ONLY = ("inner", "alternatives")  # backend options that are not the pas
 # Loops that unrolled into more ops than this are not compiled as written: inductor took
 # 17 s on a 148-op per-pixel loop and 130 s on a 1605-op one (2-core CPU).
 UNROLLED = 256
-GRAPH_KEY = "graph"  # the table-key prefix of compiled graphs' figures (no spec kind has this name)
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
 _PENDING: set[concurrent.futures.Future] = set()
 _PENDING_LOCK = threading.Lock()

@@ -47,6 +47,7 @@ PRIOR_PENALTY = 1.0  # distance added to another machine's entries: this machine
 HEAL_FACTOR = 4.0  # a figure this many times off what its nearest neighbours predict is dropped on load
 HEAL_NEIGHBOURS = 4
 MERGE_TRIES = 5
+GRAPH_KEY = "graph"  # the key prefix of the backend's compiled graphs' figures (no spec kind has this name)
 
 
 class TableError(ValueError):

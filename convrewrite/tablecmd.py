@@ -32,7 +32,7 @@ from .device import device_type
 from .forms import forms_for
 from .kinds import get_kind, parse_key
 from .measure import time_forms
-from .table import CostTable, TableError, fingerprint, heal, user_table_path
+from .table import GRAPH_KEY, CostTable, TableError, fingerprint, heal, user_table_path
 
 DRIFT = 1.25  # an entry whose figures moved by more than this (either way) is reported
 MARGIN = 1.1  # a stored fastest form this much behind the fastest now: its ranking changed
@@ -45,7 +45,9 @@ def _read(path: Path) -> CostTable:
         sys.exit(f"convrewrite.table: {e}")
 
 
-def _original(spec) -> str | None:
+def _original(key: str, spec) -> str | None:
+    if key.startswith(f"{GRAPH_KEY}|"):
+        return "original"  # the graph as dynamo gave it
     return None if spec is None else get_kind(spec.kind).original
 
 
@@ -57,9 +59,10 @@ def show(path: Path, limit: int) -> str:
     rows = []
     for key, times in list(table.entries.items())[:limit]:
         spec, meta = parse_key(key), table.meta.get(key, {})
-        best, original = min(times, key=times.get), _original(spec)
+        best, original = min(times, key=times.get), _original(key, spec)
         speedup = times[original] / times[best] if original in times else None
-        rows.append((spec.describe() if spec else key, f"{spec.mode} {spec.executor}" if spec else "-", best,
+        mode = f"{spec.mode} {spec.executor}" if spec else "compiled" if original else "-"
+        rows.append((spec.describe() if spec else key, mode, best,
                      f"{speedup:.2f}x" if speedup else "-", meta.get("when", "-"), meta.get("blocks", "-"),
                      meta.get("busy", "-"), "contradicted by neighbours" if key in suspicious else ""))
     head = (f"{path}\nfingerprint: {table.fingerprint}\n{len(table.entries)} entries"

@@ -33,6 +33,15 @@ def test_show_lists_entries_winners_and_flags(table, capsys):
     assert "1 contradicted" in out and "contradicted by neighbours" in out
 
 
+def test_show_lists_the_backends_compiled_graph_figures(table, capsys):
+    t = CostTable.read(table)
+    t.add("graph|0123", {"original": 3e-3, "rewritten": 1e-3}, {}, {"when": "2026-12-03"})
+    t.write(table, merge=False)
+    assert tablecmd.main(["show"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("graph|0123"))
+    assert row.split()[1:4] == ["compiled", "rewritten", "3.00x"]
+
+
 def test_prune_drops_what_show_flags(table):
     t = CostTable.read(table)
     t.entries[SPECS[5].key()]["conv"] = 1.0
