@@ -27,7 +27,7 @@ another thread at the same time would corrupt both traces. For inductor, each re
 site's call is inlined as its form's ATen ops, so AOTAutograd's and the FX graph cache key the
 rewritten graph on its code (the table and rules that chose it included) and a warm cache
 serves it as it does the original. The two compiled graphs' figures, where clean, are kept in
-this machine's cost table (:class:`GraphFigures`): a later process that compiles the same graphs
+this machine's cost table (:class:`~convrewrite.check.GraphFigures`): a later process that compiles the same graphs
 for the same inputs compiles the faster one alone, as inductor alone would. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
 convolutions, the graph as dynamo gave it is not compiled at all: that compile is what takes
 inductor minutes.
@@ -40,7 +40,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
 import logging
 import threading
 from typing import Callable
@@ -51,15 +50,12 @@ import torch.nn as nn
 
 from . import distributed
 from .capture import META, TRACING, TensorInfo
-from .check import FRAME_S, ORIGINAL, REWRITTEN, compiled_times, fastest
+from .check import FRAME_S, ORIGINAL, REWRITTEN, GraphFigures, compiled_times, fastest
 from .emit import SiteCall, with_strides
-from .forms import source_hashes
 from .kinds.conv import ConvSpec
-from .measure import Timings
 from .options import Options
-from .pipeline import rewrite, table_for
+from .pipeline import rewrite
 from .report import Report
-from .table import GRAPH_KEY, user_table_path
 from .warn import warn_user
 
 log = logging.getLogger(__name__)
@@ -145,7 +141,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
         original = None
     variants = _variants(original, gm, report, inner)
     # every rank of a job must compile what rank 0 chooses from: their cache dirs may differ
-    memory = GraphFigures.of(variants, example_inputs, inner, mode, report) if not coordinated else None
+    memory = _figures(variants, example_inputs, inner, mode, report) if not coordinated else None
     if memory is not None and (times := memory.recalled()) is not None:
         chosen = fastest(times, slack_s=FRAME_S)
         report = _as_timed_before(report, times, chosen)
@@ -156,46 +152,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
                            topic and f"{topic}\nfastest of {sorted(variants)}", memory)
 
 
-@dataclasses.dataclass(frozen=True)
-class GraphFigures:
-    """Where the compiled graphs of one dynamo graph, timed side by side, are kept: an entry of
-    this machine's cost table under a key that covers what their speed depends on (both
-    graphs' code, the forms and their source, the inputs' sizes, strides, dtypes and grad,
-    the inner compiler and its mode; the table's fingerprint covers the machine, its threads
-    and torch). A later process that finds clean figures there compiles the faster graph
-    alone: the second compile and the timing are most of the backend's first call over
-    inductor's."""
-
-    key: str
-    device: str
-
-    @classmethod
-    def of(cls, variants: dict, example_inputs, inner, mode: str | None, report: Report) -> GraphFigures | None:
-        """The place for these variants' figures (None where there is no choice to remember,
-        or the inner compiler is the user's own, which no key can name)."""
-        if len(variants) < 2 or not isinstance(inner, str):
-            return None
-        tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-        inputs = [(tuple(t.shape), tuple(t.stride()), str(t.dtype), t.requires_grad) for t in tensors]
-        hashes = source_hashes()
-        forms = sorted((s.key, s.chosen, hashes.get(s.chosen, "")) for s in report.rewritten)
-        code = "\n".join(variants[name].code for name in sorted(variants))
-        text = f"{inner} {mode} {torch.is_grad_enabled()} {inputs} {forms}\n{code}"
-        device = tensors[0].device.type if tensors else "cpu"
-        return cls(f"{GRAPH_KEY}|{hashlib.sha256(text.encode()).hexdigest()[:32]}", device)
-
-    def recalled(self) -> dict[str, float] | None:
-        """The figures a process on this machine kept for these graphs, if any."""
-        times = self._table().entries.get(self.key)
-        return times if times and {ORIGINAL, REWRITTEN} <= set(times) else None
-
-    def keep(self, times: Timings) -> None:
-        """Keep clean figures (never those taken under load)."""
-        if not times.contended and {ORIGINAL, REWRITTEN} <= set(times):
-            self._table().remember(self.key, dict(times), {}, times.record(), user_table_path(self.device))
-
-    def _table(self):
-        return table_for(self.device, Options())  # this machine's own (a table= file is the pass's)
+def _figures(variants: dict, example_inputs, inner, mode: str | None, report: Report) -> GraphFigures | None:
+    """Where these compiled variants' figures are kept (None where there is no choice to
+    remember, or the inner compiler is the user's own, which no key can name)."""
+    if len(variants) < 2 or not isinstance(inner, str):
+        return None
+    code = "\n".join(variants[name].code for name in sorted(variants))
+    return GraphFigures.of(f"backend {inner} {mode}", example_inputs, report, code)
 
 
 def _as_timed_before(report: Report, times: dict[str, float], chosen: str) -> Report:

@@ -17,11 +17,18 @@ is what the optimized module would otherwise run: the model's own ``forward``. A
 round settles a clear win (``CLEAR_WIN``; a loop lifted to one conv is not run five more
 times); anything closer is timed for ``ROUNDS``, and the rewrite must win by :data:`MARGIN`
 and by more than the figures' noise (:func:`convrewrite.decide.beats`).
+
+A check's clean figures are kept in this machine's cost table (:class:`GraphFigures`), and a
+later process checking the same graphs on inputs of the same signature decides on them
+(:func:`judged_once`): the same model on the same machine gets the same decision in every
+run, and its first call does not time both graphs again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 from collections.abc import Mapping
 from typing import Callable
 
@@ -31,8 +38,11 @@ from torch.utils import _pytree as pytree
 
 from .decide import beats
 from .device import cache_flush, rng_kept
+from .forms import source_hashes
 from .measure import Timings, time_callables
+from .options import Options
 from .report import Report
+from .table import GRAPH_KEY, table_for, user_table_path
 
 ROUNDS = 9
 BLOCK_S = 0.002
@@ -44,6 +54,62 @@ ORIGINAL, REWRITTEN = "original", "rewritten"  # candidate names: the graph as w
 # kernel, 47 us around the grouped conv), which timing the graphs directly cannot see. A
 # compiled graph must beat the original by this much besides the margin.
 FRAME_S = 25e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphFigures:
+    """Where the figures of one check (the rewritten graph against the original, on inputs of
+    one signature) are kept: an entry of this machine's cost table under a key that covers
+    what the times depend on (the graphs' code, the forms chosen and their source, the
+    inputs' sizes, strides, dtypes and grad, the grad mode, and the route; the table's
+    fingerprint covers the machine, its threads and torch). A later process that finds clean
+    figures there decides as this one did, without timing again: a decision on the same
+    model and machine does not flip between runs, and the backend compiles the graph that
+    won alone."""
+
+    key: str
+    device: str
+
+    @classmethod
+    def of(cls, route: str, inputs, report: Report, code: str, module: nn.Module | None = None) -> GraphFigures:
+        """The place for the figures of ``route``'s check of ``code`` (the graphs, original and
+        rewritten), run on ``inputs`` with ``report``'s forms; ``module``: the model whose own
+        forward is the original, by its class and its modules' training flags (which an fx
+        graph does not show: BatchNorm and Dropout are the same call in both modes)."""
+        tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+        shapes = [(tuple(t.shape), tuple(t.stride()), str(t.dtype), t.requires_grad) for t in tensors]
+        hashes = source_hashes()
+        forms = sorted((s.path, s.key, s.chosen, hashes.get(s.chosen, "")) for s in report.rewritten)
+        modes = "" if module is None else \
+            f"{type(module).__qualname__} {''.join('1' if m.training else '0' for m in module.modules())}"
+        text = f"{route} {modes} {torch.is_grad_enabled()} {shapes} {forms}\n{code}"
+        device = tensors[0].device.type if tensors else "cpu"
+        return cls(f"{GRAPH_KEY}|{hashlib.sha256(text.encode()).hexdigest()[:32]}", device)
+
+    def recalled(self) -> Timings | None:
+        """The figures a process on this machine kept for this check, if any."""
+        times = self._table().entries.get(self.key)
+        return Timings(dict(times)) if times and {ORIGINAL, REWRITTEN} <= set(times) else None
+
+    def keep(self, times: Timings) -> None:
+        """Keep clean figures (never those taken under load)."""
+        if not times.contended and {ORIGINAL, REWRITTEN} <= set(times):
+            self._table().remember(self.key, dict(times), {}, times.record(), user_table_path(self.device))
+
+    def _table(self):
+        return table_for(self.device, Options())  # this machine's own (a table= file is the pass's)
+
+
+def judged_once(report: Report, figures: GraphFigures, time_both: Callable[[], Timings], what: str,
+                original: str = "as written") -> Report:
+    """:func:`judged` on the figures kept for this check if there are, else on ``time_both()``
+    (kept where clean)."""
+    kept = figures.recalled()
+    if kept is not None:
+        return judged(report, kept, f"{what} (as timed before on this machine)", original)
+    times = time_both()
+    figures.keep(times)
+    return judged(report, times, what, original)
 
 
 def whole_graph_times(original: Callable, rewritten: Callable, model: nn.Module, args: tuple,

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from . import distributed
 from .backend import FastestCompiled, compile_graph
-from .check import judged, whole_graph_times
+from .check import GraphFigures, judged_once, whole_graph_times
 from .options import Options
 from .report import Report
 
@@ -49,6 +49,7 @@ class DynamoRoute:
         isolated = {"isolate_recompiles": True, "recompile_limit": RECOMPILE_LIMIT} if _ISOLATES else {}
         self._compiled = torch.compile(module.forward, backend=self._backend, dynamic=False, **isolated)
         self._new: list[FastestCompiled] = []  # graphs compiled during the call being specialised
+        self._codes: list[str] = []  # and their code as dynamo gave it
         self._lock = threading.RLock()
 
     def specialize(self, args: tuple, kwargs: dict, signature: str) -> tuple[Callable, Report, object]:
@@ -56,7 +57,7 @@ class DynamoRoute:
         rewrites what this call reaches), check it and say what runs from now on: the
         callable, its report, and this call's output."""
         with self._lock:
-            self._new = []
+            self._new, self._codes = [], []
             with _room_to_recompile():
                 output = self._compiled(*args, **kwargs)
             report = _merged([c.report for c in self._new], signature)
@@ -80,13 +81,15 @@ class DynamoRoute:
             f"forms and figures as decided by rank {distributed.DECIDING_RANK}")
 
     def _backend(self, gm, example_inputs):
+        self._codes.append(gm.code)
         compiled = compile_graph(gm, example_inputs, self.options, "eager")
         self._new.append(compiled)
         return compiled.only or compiled
 
     def _checked(self, report: Report, args: tuple, kwargs: dict) -> Report:
-        times = whole_graph_times(self.module.forward, self._compiled, self.module, args, kwargs)
-        return judged(report, times, "whole model through dynamo")
+        figures = GraphFigures.of("dynamo route", (args, kwargs), report, "\n".join(self._codes), self.module)
+        return judged_once(report, figures, lambda: whole_graph_times(
+            self.module.forward, self._compiled, self.module, args, kwargs), "whole model through dynamo")
 
 
 def _room_to_recompile():

@@ -7,9 +7,7 @@ same meta) and returns a :class:`Report`. It is the one pass behind every front 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import os
 
 import torch.fx as fx
 
@@ -21,23 +19,10 @@ from .options import Options
 from .report import Report, SiteReport
 from .rules import rules
 from .site import Site
-from .table import CostTable, file_state, load_table, user_table_path
+from .table import table_for
 
 log = logging.getLogger(__name__)
 PROGRESS_AFTER_S = 2.0  # a first call that decides for longer than this shows a bar
-
-
-def table_for(device: str, options: Options) -> CostTable:
-    """The cost table for ``device``, loaded once per process per (user table file, table
-    option, that file as last written): what this process measures is added to the loaded
-    table as it writes it, and a ``table=`` file written again since is read again."""
-    table_path = os.fspath(options.table) if options.table else None
-    return _loaded(device, os.fspath(user_table_path(device)), table_path, file_state(table_path))
-
-
-@functools.lru_cache(maxsize=16)
-def _loaded(device: str, user_path: str, table_path: str | None, written: tuple | None) -> CostTable:
-    return load_table(device, table_path)
 
 
 def rewrite(gm: fx.GraphModule, options: Options, executor: str = "eager", decided: Report | None = None) -> Report:

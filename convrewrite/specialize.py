@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from . import distributed
 from .capture import ROOT, CaptureError, annotate, capture, fold_sizes, hidden_sites, opaque_root
-from .check import judged, whole_graph_times
+from .check import GraphFigures, judged_once, whole_graph_times
 from .dynamo_route import DynamoRoute
 from .hooks import has_hooks, own_hooks
 from .options import Options
@@ -107,9 +107,10 @@ class Specializer:
         return dataclasses.replace(head, sites=sites).noted(f"forms as decided by rank {distributed.DECIDING_RANK}")
 
     def _decided_here(self, gm: fx.GraphModule, flat: tuple, head: Report) -> Report:
+        captured = gm.code
         report = dataclasses.replace(head, sites=rewrite(gm, self.options).sites)
         if report.rewritten and self.options.check:
-            report = self._checked(report, gm, flat)
+            report = self._checked(report, gm, flat, captured)
         return report
 
     def through_dynamo(self, args: tuple, kwargs: dict):
@@ -130,14 +131,16 @@ class Specializer:
                   f"({type(self.original).__name__})")
         return Specialization(None, Report(signature=signature, note=f"not rewritten: {why}"))
 
-    def _checked(self, report: Report, gm: fx.GraphModule, flat: tuple) -> Report:
+    def _checked(self, report: Report, gm: fx.GraphModule, flat: tuple, captured: str) -> Report:
         """``report``, or its sites back on their originals if the whole rewritten graph is
-        not clearly faster than the model's own forward on these inputs."""
+        not clearly faster than the model's own forward on these inputs (as timed here, or
+        by an earlier process on this machine: ``captured`` is the graph's code before the
+        rewrite)."""
         if any(has_hooks(m) for m in self.original.modules()):  # timing would run them again and again
             return report.noted("whole graph not checked: the model has hooks")
-        times = whole_graph_times(_positional(self.original.forward, self.signature), gm.forward,
-                                  self.original, flat)
-        return judged(report, times, "whole model")
+        figures = GraphFigures.of("optimize", flat, report, f"{captured}\n{gm.code}", self.original)
+        return judged_once(report, figures, lambda: whole_graph_times(
+            _positional(self.original.forward, self.signature), gm.forward, self.original, flat), "whole model")
 
     def _trace(self, flat: tuple) -> fx.GraphModule | str:
         """The captured graph for this pattern of None/bool arguments and training flags, or

@@ -36,6 +36,7 @@ import torch
 from .device import device_type, fingerprint
 from .forms import source_hashes
 from .kinds import get_kind, kinds, parse_key
+from .options import Options
 
 VERSION = 5  # 2: spec keys carry the executor; 3: and train-w; 4: figures of the warm, low-quantile protocol, with meta;
 # 5: inference figures taken on parameters that require grad, as a model's do
@@ -305,6 +306,19 @@ def _locked(path: Path):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def table_for(device: str, options: Options) -> CostTable:
+    """The cost table for ``device``, loaded once per process per (user table file, table
+    option, that file as last written): what this process measures is added to the loaded
+    table as it writes it, and a ``table=`` file written again since is read again."""
+    table_path = os.fspath(options.table) if options.table else None
+    return _loaded(device, os.fspath(user_table_path(device)), table_path, file_state(table_path))
+
+
+@functools.lru_cache(maxsize=16)
+def _loaded(device: str, user_path: str, table_path: str | None, written: tuple | None) -> CostTable:
+    return load_table(device, table_path)
 
 
 def load_table(device="cpu", path: str | os.PathLike | None = None) -> CostTable:

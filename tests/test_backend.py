@@ -11,12 +11,11 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
-from convrewrite import backend, pipeline
+from convrewrite import backend, table
 from convrewrite.backend import annotate_from_meta, inline_site_calls, parse_options, settle
 from convrewrite.capture import META, TRACING, annotate, capture
 from convrewrite.emit import site_calls
 from convrewrite.forms import forms_for
-from convrewrite.measure import Timings
 from convrewrite.options import Options
 from convrewrite.pipeline import rewrite
 from convrewrite.rules import find_sites
@@ -411,19 +410,10 @@ def test_a_later_process_compiles_only_the_graph_timed_faster_before(fake_table,
     check_times.result = result
     for _ in range(2):  # the second as a later process would: dynamo reset, the table read from disk
         torch._dynamo.reset()
-        pipeline._loaded.cache_clear()
+        table._loaded.cache_clear()
         with caplog.at_level("INFO", logger="convrewrite.backend"):
             torch.testing.assert_close(torch.compile(model, backend="convrewrite", options=options)(x), model(x))
     first, later = backend_reports(caplog)
     assert len(compiled_graphs) == 3 and first.ran == later.ran == runs
     assert "timed before on this machine" in later.note and bool(later.rewritten) == (runs == "rewritten")
 
-
-def test_compiled_graphs_timed_under_load_are_not_kept():
-    figures = backend.GraphFigures("graph|test", "cpu")
-    figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, busy=1.0))
-    pipeline._loaded.cache_clear()
-    assert figures.recalled() is None
-    figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, busy=0.0))
-    pipeline._loaded.cache_clear()
-    assert figures.recalled() == {"original": 2e-3, "rewritten": 1e-3}

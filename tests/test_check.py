@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import convrewrite
-from convrewrite import check, device
+from convrewrite import check, device, table as cost_table
 from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.measure import Timings
 
@@ -56,7 +56,7 @@ def test_a_tie_within_the_margin_keeps_the_original(table, check_times):
     assert not report.rewritten and "0.99x the time" in report.sites[0].note
 
 
-def test_close_graphs_are_timed_again_with_more_rounds(table, check_times, monkeypatch):
+def test_close_graphs_are_timed_again_with_more_rounds(table, check_times, monkeypatch, tmp_path):
     seen = []
 
     def timed(fns, rounds, **kwargs):
@@ -66,6 +66,7 @@ def test_close_graphs_are_timed_again_with_more_rounds(table, check_times, monke
     monkeypatch.setattr(check, "time_callables", timed)
     for result, expected in [({"original": 1.2e-3, "rewritten": 1e-3}, [1, check.ROUNDS]),
                              ({"original": 4e-3, "rewritten": 1e-3}, [1])]:  # a clear win after one round
+        monkeypatch.setenv("CONVREWRITE_CACHE_DIR", str(tmp_path / str(result)))  # no figures kept from before
         check_times.result, seen[:] = result, []
         with torch.no_grad():
             assert convrewrite.explain(stack().eval(), X, table=table).rewritten
@@ -195,3 +196,35 @@ def test_compiled_graphs_are_timed_with_the_cache_flushed_between_calls(check_ti
                                                          (0.9e-3, 6e-5, "original"), (0.97e-3, 0.0, "original")])
 def test_a_candidate_must_win_by_the_margin_and_the_slack(rewritten, slack_s, expected):
     assert check.fastest({"original": 1e-3, "rewritten": rewritten}, slack_s=slack_s) == expected
+
+
+def test_figures_taken_under_load_are_not_kept():
+    figures = check.GraphFigures("graph|test", "cpu")
+    figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, busy=1.0))
+    cost_table._loaded.cache_clear()
+    assert figures.recalled() is None
+    figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, busy=0.0))
+    cost_table._loaded.cache_clear()
+    assert dict(figures.recalled()) == {"original": 2e-3, "rewritten": 1e-3}
+
+
+@pytest.mark.parametrize("result", [{"original": 2e-3, "rewritten": 1e-3}, {"original": 1e-3, "rewritten": 1.5e-3}])
+def test_a_later_process_decides_as_the_first_did_without_timing_again(table, check_times, monkeypatch, result):
+    check_times.result = result
+    with torch.no_grad():
+        first = convrewrite.explain(stack().eval(), X, table=table)
+    cost_table._loaded.cache_clear()  # as a later process: the figures come from the file
+    monkeypatch.setattr(check, "time_callables", lambda *a, **k: pytest.fail("timed again"))
+    with torch.no_grad():
+        later = convrewrite.explain(stack().eval(), X, table=table)
+    assert [s.chosen for s in later] == [s.chosen for s in first] and len(later) == 2
+    assert "as timed before on this machine" in later.note
+
+
+def test_figures_kept_for_a_model_in_one_mode_do_not_decide_for_another(table, check_times, monkeypatch):
+    with torch.no_grad():
+        convrewrite.explain(stack().eval(), X, table=table)
+        timed = []
+        monkeypatch.setattr(check, "time_callables", lambda fns, **k: timed.append(1) or check_times(fns, **k))
+        convrewrite.explain(stack().train(), X, table=table)  # BatchNorm and Dropout: the same fx graph
+    assert timed
