@@ -87,14 +87,19 @@ class GraphFigures:
         return cls(f"{GRAPH_KEY}|{hashlib.sha256(text.encode()).hexdigest()[:32]}", device)
 
     def recalled(self) -> Timings | None:
-        """The figures a process on this machine kept for this check, if any."""
-        times = self._table().entries.get(self.key)
-        return Timings(dict(times)) if times and {ORIGINAL, REWRITTEN} <= set(times) else None
+        """The figures a process on this machine kept for this check, if any, with their
+        errors (so they decide as they did when taken)."""
+        table = self._table()
+        times = table.entries.get(self.key)
+        if not times or not {ORIGINAL, REWRITTEN} <= set(times):
+            return None
+        return Timings(dict(times), dict(table.meta.get(self.key, {}).get("error", {})))
 
     def keep(self, times: Timings) -> None:
         """Keep clean figures (never those taken under load)."""
         if not times.contended and {ORIGINAL, REWRITTEN} <= set(times):
-            self._table().remember(self.key, dict(times), {}, times.record(), user_table_path(self.device))
+            meta = {**times.record(), "error": times.error}
+            self._table().remember(self.key, dict(times), {}, meta, user_table_path(self.device))
 
     def _table(self):
         return table_for(self.device, Options())  # this machine's own (a table= file is the pass's)

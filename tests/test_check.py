@@ -203,9 +203,10 @@ def test_figures_taken_under_load_are_not_kept():
     figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, busy=1.0))
     cost_table._loaded.cache_clear()
     assert figures.recalled() is None
-    figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, busy=0.0))
+    figures.keep(Timings({"original": 2e-3, "rewritten": 1e-3}, {"original": 0.1, "rewritten": 0.2}, busy=0.0))
     cost_table._loaded.cache_clear()
-    assert dict(figures.recalled()) == {"original": 2e-3, "rewritten": 1e-3}
+    recalled = figures.recalled()
+    assert dict(recalled) == {"original": 2e-3, "rewritten": 1e-3} and recalled.error == {"original": 0.1, "rewritten": 0.2}
 
 
 @pytest.mark.parametrize("result", [{"original": 2e-3, "rewritten": 1e-3}, {"original": 1e-3, "rewritten": 1.5e-3}])
