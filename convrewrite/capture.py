@@ -135,13 +135,15 @@ def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.Gr
             try:
                 with state_kept(module):
                     graph = tracer.trace(module, concrete_args=concrete_args or None)
+                    # before the module's state is put back: the tensor constants fx met (a
+                    # torch.tensor(...) in forward) are attributes it set on the root
+                    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
             except Exception as e:  # symbolic_trace raises many types for untraceable Python
                 why = f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0]
                 if not tracer.failed_in or tracer.failed_in in opaque:
                     return _opaque_root(module, why)
                 opaque[tracer.failed_in] = why
                 continue
-            gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
             wanted = _wanted_opaque(gm, module, set(opaque))
             if "" in wanted:
                 return _opaque_root(module, wanted[""])

@@ -154,6 +154,8 @@ class Specializer:
                 traces[key] = capture(self.original, concrete)
             except CaptureError as e:  # dynamo captures it instead, and warns if it cannot
                 traces[key] = str(e)
+            except Exception as e:  # noqa: BLE001 (a failure of the pass: dynamo's capture may still do)
+                traces[key] = f"capturing with torch.fx failed ({type(e).__name__}: {e})"
         return traces[key]
 
 
@@ -162,7 +164,8 @@ def _sharing_graph_module(traced: fx.GraphModule, original: nn.Module) -> fx.Gra
     submodules are the original's own dicts (submodules it adds stay its own)."""
     gm = fx.GraphModule(traced, copy.deepcopy(traced.graph))
     own = {ROOT: original} if opaque_root(traced) else {}
-    gm.__dict__.update(_parameters=original._parameters, _buffers=original._buffers,
+    constants = {name: t for name, t in traced._buffers.items() if name not in original._buffers}  # fx's
+    gm.__dict__.update(_parameters=original._parameters, _buffers=collections.ChainMap(constants, original._buffers),
                        _modules=collections.ChainMap(own, original._modules))
     return gm
 

@@ -9,6 +9,8 @@ from convrewrite.capture import (META, OPAQUE, ROOT, SECONDS, SIZE, CaptureError
                                  opaque_root)
 from convrewrite.spec import CHANNELS_LAST
 
+from .helpers import assert_same_outputs_and_grads
+
 
 class Model(nn.Module):
     def __init__(self):
@@ -131,6 +133,30 @@ def test_a_module_that_caches_is_optimized_twice_and_stays_equal():
         for _ in range(2):
             torch.testing.assert_close(convrewrite.optimize(model)(x), expected)
     assert all(type(v) is torch.Tensor for v in model.cache.values())
+
+
+class TensorConstant(nn.Module):
+    """A tensor made in forward from Python values: fx keeps it as a constant it sets on the
+    root while tracing (as timm's Swin and torchvision's MaxViT have them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(4, 8, 1)
+        self.register_buffer("offset", torch.ones(8, 1, 1))
+
+    def forward(self, x):
+        return self.proj(x) * torch.tensor([0.5, 2.0]).repeat(4)[:, None, None] + self.offset
+
+
+def test_tensor_constants_stay_in_the_graph_and_out_of_the_module():
+    model, x = TensorConstant(), torch.randn(2, 4, 3, 3)
+    attrs = set(vars(model))
+    gm = capture(model)
+    assert set(vars(model)) == attrs and list(model.state_dict()) == ["offset", "proj.weight", "proj.bias"]
+    torch.testing.assert_close(gm(x), model(x))
+    opt = convrewrite.optimize(model)
+    assert_same_outputs_and_grads(model, opt, x, calls=2)
+    assert opt.report.rewritten and list(opt.state_dict()) == list(model.state_dict())
 
 
 class Output(collections.OrderedDict):
