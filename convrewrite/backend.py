@@ -27,10 +27,10 @@ another thread at the same time would corrupt both traces. For inductor, each re
 site's call is inlined as its form's ATen ops, so AOTAutograd's and the FX graph cache key the
 rewritten graph on its code (the table and rules that chose it included) and a warm cache
 serves it as it does the original. The two compiled graphs' figures, where clean, are kept in
-this machine's cost table (:class:`~convrewrite.check.GraphFigures`): a later process that compiles the same graphs
-for the same inputs compiles the faster one alone, as inductor alone would. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into
-convolutions, the graph as dynamo gave it is not compiled at all: that compile is what takes
-inductor minutes.
+this machine's cost table (:class:`~convrewrite.check.GraphFigures`): a later process that
+compiles the same graphs for the same inputs compiles the faster one alone, as inductor alone
+would. Where the pass turned more than ``UNROLLED`` ops of unrolled loops into convolutions,
+the graph as dynamo gave it is not compiled at all: that compile is what takes inductor minutes.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from .capture import META, TRACING, TensorInfo
 from .check import FRAME_S, ORIGINAL, REWRITTEN, GraphFigures, compiled_times, fastest
 from .emit import SiteCall, with_strides
 from .kinds.conv import ConvSpec
+from .measure import Timings
 from .options import Options
 from .pipeline import rewrite
 from .report import Report
@@ -161,9 +162,8 @@ def _figures(variants: dict, example_inputs, inner, mode: str | None, report: Re
     return GraphFigures.of(f"backend {inner} {mode}", example_inputs, report, code)
 
 
-def _as_timed_before(report: Report, times: dict[str, float], chosen: str) -> Report:
-    report = report.noted("compiled graphs on these inputs, as timed before on this machine: " + ", ".join(
-        f"{name} {t * 1e3:.3f} ms" for name, t in sorted(times.items())) + f"; only {chosen} compiled")
+def _as_timed_before(report: Report, times: Timings, chosen: str) -> Report:
+    report = report.noted(_times_line(times, ", as timed before on this machine") + f"; only {chosen} compiled")
     if chosen != REWRITTEN and report.rewritten:
         report = report.kept_original(f"kept original: {chosen} ran faster when timed before")
     return report
@@ -262,9 +262,12 @@ class FastestCompiled:
         times = compiled_times(self.compiled, list(args), self._params)
         if self._memory is not None:
             self._memory.keep(times)
-        self.report = self.report.noted("compiled graphs on these inputs: " + ", ".join(
-            f"{name} {t * 1e3:.3f} ms" for name, t in times.items()))
+        self.report = self.report.noted(_times_line(times))
         return fastest(times, slack_s=FRAME_S)
+
+
+def _times_line(times: Timings, how: str = "") -> str:
+    return f"compiled graphs on these inputs{how}: " + ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in times.items())
 
 
 def _compile_all(variants: dict, compile_one: Callable) -> dict[str, Callable]:
