@@ -42,7 +42,7 @@ from .forms import source_hashes
 from .measure import Timings, time_callables
 from .options import Options
 from .report import Report
-from .table import GRAPH_KEY, table_for, user_table_path
+from .table import GRAPH_KEY, table_for
 
 ROUNDS = 9
 BLOCK_S = 0.002
@@ -99,7 +99,7 @@ class GraphFigures:
         """Keep clean figures (never those taken under load)."""
         if not times.contended and {ORIGINAL, REWRITTEN} <= set(times):
             meta = {**times.record(), "error": times.error}
-            self._table().remember(self.key, dict(times), {}, meta, user_table_path(self.device))
+            self._table().remember(self.key, dict(times), {}, meta)
 
     def _table(self):
         return table_for(self.device, Options())  # this machine's own (a table= file is the pass's)

@@ -14,7 +14,7 @@ from .forms import forms_for
 from .measure import Timings, time_code, time_forms
 from .options import Options
 from .site import Site
-from .table import CostTable, user_table_path
+from .table import CostTable
 
 TABLE, PREDICTED, MEASURED, NONE = "table", "predicted", "measured", "none"
 CONTENDED = "measured under load"  # decided from, never stored
@@ -151,4 +151,4 @@ def _measure(table: CostTable, spec, forms) -> Timings:
 
 def _remember(table: CostTable, spec, times: Timings, forms) -> None:
     hashes = {f.name: f.source_hash for f in forms if f.name in times}
-    table.remember(spec.key(), dict(times), hashes, times.record(), user_table_path(spec.device))
+    table.remember(spec.key(), dict(times), hashes, times.record())

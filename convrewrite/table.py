@@ -180,14 +180,13 @@ class CostTable:
             self.meta[key] = meta
         self._nearest.clear()
 
-    def remember(self, key: str, times: dict[str, float], form_hashes: dict[str, str], meta: dict,
-                 path: Path) -> None:
-        """:meth:`add` a clean measurement here and merge it into the table file at ``path``
-        (this machine's user table), so later processes find it."""
+    def remember(self, key: str, times: dict[str, float], form_hashes: dict[str, str], meta: dict) -> None:
+        """:meth:`add` a clean measurement here and merge it into this machine's user table,
+        so later processes find it."""
         self.add(key, times, form_hashes, meta)
         fresh = CostTable(self.fingerprint)
         fresh.add(key, times, form_hashes, meta)
-        fresh.write(path)
+        fresh.write(user_table_path(self.fingerprint["device"]))
 
     def _drop_stale_forms(self) -> None:
         """Forget timings of forms whose source changed since they were measured."""
