@@ -101,8 +101,13 @@ class CostTable:
             data = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise TableError(f"cannot read cost table {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("version") != VERSION:
-            raise TableError(f"cost table {path} has version {data.get('version') if isinstance(data, dict) else None!r}, expected {VERSION}")
+        version = data.get("version") if isinstance(data, dict) else None
+        if isinstance(version, int) and version < VERSION:
+            raise TableError(f"cost table {path} was written by an older convrewrite (table version {version}; this "
+                             f"one reads {VERSION}): its figures are not used, and the file is replaced when this "
+                             "machine's next figure is stored (`python -m convrewrite.table reset` removes it now)")
+        if version != VERSION:
+            raise TableError(f"cost table {path} has version {version!r}, expected {VERSION}")
         try:
             entries = {str(k): {str(f): float(t) for f, t in v.items() if math.isfinite(float(t)) and t > 0}
                        for k, v in data["entries"].items()}

@@ -10,7 +10,7 @@ import pytest
 from convrewrite import table as table_module
 from convrewrite.forms import forms_for
 from convrewrite.kinds.channel_mix import ChannelMixSpec
-from convrewrite.table import CostTable, TableError, fingerprint, load_table, shipped_table_path, user_table_path
+from convrewrite.table import VERSION, CostTable, TableError, fingerprint, load_table, shipped_table_path, user_table_path
 
 SPEC = ChannelMixSpec(8, 16, 32, (64,))
 OTHER = ChannelMixSpec(8, 16, 32, (128,))
@@ -92,6 +92,16 @@ def test_damaged_user_table_warns_and_falls_back_to_shipped(isolated_cache, cont
         table = load_table("cpu")
     shipped = load_table("cpu", shipped_table_path("cpu"))
     assert (table.entries, table.prior) == (shipped.entries, shipped.prior) and table.entries | table.prior
+
+
+def test_a_table_of_an_older_version_says_so_and_is_replaced_at_the_next_write(isolated_cache):
+    path = user_table_path("cpu")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"version": VERSION - 1, "fingerprint": fingerprint("cpu"), "entries": {}}))
+    with pytest.warns(UserWarning, match="older convrewrite .* replaced when this machine's next figure is stored"):
+        load_table("cpu")
+    table_with([(SPEC, {"conv": 1e-3})], profiled=False).write(path)
+    assert CostTable.read(path).entries == {SPEC.key(): {"conv": 1e-3}}
 
 
 def test_foreign_device_table_is_ignored(tmp_path):
