@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import itertools
 import math
 import operator
 import threading
@@ -95,13 +96,17 @@ def info(node) -> TensorInfo | None:
 @contextlib.contextmanager
 def state_kept(module: torch.nn.Module):
     """Run the block, then put every submodule's attributes back as they were, containers'
-    contents included. Tracing runs the user's forward on Proxies and lifting runs it on small
-    float64 probes: a forward that caches what it computes (timm's LeViT keeps its attention
-    bias in a dict keyed by device) would otherwise keep a Proxy or a probe, and the user's
-    next call, or the next optimize(), would read it."""
+    contents and buffers' values included. Tracing runs the user's forward on Proxies and
+    lifting runs it on small float64 probes: a forward that caches what it computes (timm's
+    LeViT keeps its attention bias in a dict keyed by device) would otherwise keep a Proxy or a
+    probe, and the user's next call, or the next optimize(), would read it; a forward that
+    counts its calls in a buffer (``self.count += 1``: fx runs it for real, as its operands are
+    no Proxies) would count the trace. A parameter changed in place cannot be put back (it is
+    not copied): :func:`tensors_changed` tells."""
     saved = [(m, dict(vars(m))) for m in module.modules()]
     contents = [(value, copy.copy(value)) for _, attrs in saved for value in attrs.values()
                 if type(value) in (dict, list, set)]
+    buffers = [(b, _version(b), b.detach().clone()) for b in module.buffers()]
     try:
         yield
     finally:
@@ -116,6 +121,46 @@ def state_kept(module: torch.nn.Module):
             else:
                 container.clear()
                 container.update(before)
+        with torch.no_grad():
+            for buffer, version, value in buffers:
+                if _version(buffer) != version:
+                    buffer.copy_(value)
+
+
+def tensor_state(module: torch.nn.Module, recurse: bool = True) -> dict:
+    """Each parameter and buffer of ``module`` (its own only, unless ``recurse``) by name: the
+    tensor and its in-place version, to tell later whether code changed them."""
+    tensors = itertools.chain(module.named_parameters(recurse=recurse, remove_duplicate=False),
+                              module.named_buffers(recurse=recurse, remove_duplicate=False))
+    return {name: (t, _version(t)) for name, t in tensors}
+
+
+def tensors_changed(module: torch.nn.Module, before: dict, recurse: bool = True) -> list[str]:
+    """The names of ``module``'s parameters and buffers that were replaced or changed in
+    place since ``before`` (:func:`tensor_state`)."""
+    now = tensor_state(module, recurse)
+    return [name for name in before.keys() | now.keys()
+            if name not in now or name not in before or now[name][0] is not before[name][0]
+            or now[name][1] != before[name][1]]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter (and cannot be changed outside inference mode)
+        return None
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def autocast_state() -> tuple:
+    """The device types ``torch.autocast`` is on for, each with its dtype (empty where it is off)."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in AUTOCAST_DEVICES if torch.is_autocast_enabled(d))
+
+
+def _modes() -> tuple:
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast_state()
 
 
 # fx patches torch.nn.Module process-wide while it traces, so two traces in two threads at once
@@ -134,12 +179,15 @@ def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.Gr
             tracer = _Tracer(opaque)
             try:
                 with state_kept(module):
+                    before = tensor_state(module)
                     graph = tracer.trace(module, concrete_args=concrete_args or None)
                     # before the module's state is put back: the tensor constants fx met (a
                     # torch.tensor(...) in forward) are attributes it set on the root
                     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+                    _not_recorded(tensors_changed(module, before))
             except Exception as e:  # symbolic_trace raises many types for untraceable Python
-                why = f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0]
+                why = (str(e) if isinstance(e, CaptureError)
+                       else f"torch.fx.symbolic_trace failed: {type(e).__name__}: {e}".splitlines()[0])
                 if not tracer.failed_in or tracer.failed_in in opaque:
                     return _opaque_root(module, why)
                 opaque[tracer.failed_in] = why
@@ -154,6 +202,14 @@ def capture(module: torch.nn.Module, concrete_args: dict | None = None) -> fx.Gr
                 if node.op == "call_module" and node.target in opaque:
                     node.meta[OPAQUE] = opaque[node.target]
             return gm
+
+
+def _not_recorded(changed: list[str]) -> None:
+    """Raise where the traced code replaced or changed parameters or buffers: fx ran that code
+    once, for real (its operands were no Proxies), and the graph does not do it again."""
+    if changed:
+        raise CaptureError(f"forward replaces or changes {', '.join(sorted(changed))} in place, which fx does not "
+                           "record")
 
 
 def _wanted_opaque(gm: fx.GraphModule, module: torch.nn.Module, already: set[str]) -> dict[str, str]:
@@ -190,11 +246,21 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         return qualname in self.opaque or super().is_leaf_module(m, qualname)
 
+    def trace(self, root, concrete_args=None):
+        self.modes = _modes()
+        return super().trace(root, concrete_args)
+
     def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):  # its forward does not run: its call is a node, and the caller's
+            return super().call_module(m, forward, args, kwargs)  # code is to blame for what goes wrong
+        before = tensor_state(m, recurse=False)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            _not_recorded(tensors_changed(m, before, recurse=False))
+            return out
         except Exception:
-            self.failed_in = self.failed_in or self.path_of_module(m)  # the innermost module raised first
+            self.failed_in = self.failed_in or path  # the innermost module raised first
             raise
 
     def create_arg(self, a):
@@ -204,6 +270,9 @@ class _Tracer(fx.Tracer):
         return arg
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if kind != "output" and _modes() != self.modes:
+            raise CaptureError("forward changes grad mode or autocast (torch.no_grad, torch.autocast, ...) "
+                               "around tensor code, which fx does not record")
         # a graph gives its outputs back as plain dicts (generated code) or fx's immutable
         # containers (an Interpreter run, as annotate's): a model returning a dict subclass such
         # as transformers' ModelOutput, or a list, would get another type back. So outputs, and
@@ -242,7 +311,15 @@ def rebuilder(kind: type):
         return kind(items)
 
     rebuild.__name__ = rebuild.__qualname__ = f"rebuild_{kind.__name__}"
+    rebuild.rebuilds = kind
     return rebuild
+
+
+def rebuilds_container(node: fx.Node) -> bool:
+    """Whether ``node`` builds a container from its items: a dict, list, namedtuple or dataclass."""
+    target = node.target
+    return node.op == "call_function" and (hasattr(target, "rebuilds") or _is_namedtuple(target)
+                                           or isinstance(target, type) and dataclasses.is_dataclass(target))
 
 
 def _opaque_root(module: torch.nn.Module, why: str) -> fx.GraphModule:
@@ -262,14 +339,14 @@ def _opaque_root(module: torch.nn.Module, why: str) -> fx.GraphModule:
     return fx.GraphModule({ROOT: module}, graph, type(module).__name__)
 
 
-def hidden_sites(gm: fx.GraphModule) -> list[str]:
-    """Paths of the modules fx could not trace through that hold a conv or linear layer:
+def hidden_sites(gm: fx.GraphModule) -> dict[str, str]:
+    """The modules fx could not trace through that hold a conv or linear layer, path -> why:
     sites only a capture that sees into Python (dynamo) can find. Modules kept opaque on
     purpose (:func:`register_opaque`) are not counted."""
     not_hidden = (None, *(request.why for request in _kept_opaque()))
-    return [n.target for n in gm.graph.nodes
+    return {n.target: n.meta[OPAQUE] for n in gm.graph.nodes
             if n.op == "call_module" and n.meta.get(OPAQUE) not in not_hidden
-            and any(isinstance(m, SITE_LAYERS) for m in gm.get_submodule(n.target).modules())]
+            and any(isinstance(m, SITE_LAYERS) for m in gm.get_submodule(n.target).modules())}
 
 
 def opaque_root(gm: fx.GraphModule) -> str | None:

@@ -14,7 +14,7 @@ import threading
 import torch
 import torch.fx as fx
 
-from .capture import info
+from .capture import info, rebuilds_container
 from .device import generator
 from .forms import Form
 from .site import Site
@@ -121,18 +121,25 @@ def keep_output_strides(gm: fx.GraphModule) -> None:
     values in another layout (a channels-first conv for a chain whose permute back made a
     channels-last view), and the caller sees the original's layout. A copy is made only where
     the strides differ."""
-    graph = gm.graph
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    _restride_arguments(gm.graph, next(n for n in reversed(gm.graph.nodes) if n.op == "output"))
 
+
+def _restride_arguments(graph: fx.Graph, consumer: fx.Node) -> None:
+    """``consumer``'s tensor arguments with their strides as written, into the containers
+    (dicts, lists, namedtuples) it returns."""
     def restrided(node: fx.Node) -> fx.Node:
+        if rebuilds_container(node):
+            _restride_arguments(graph, node)
+            return node
         annotation = info(node)
         if annotation is None:
             return node
-        with graph.inserting_before(output):
+        with graph.inserting_before(consumer):
             kept = graph.call_function(with_strides, (node, annotation.stride))
         kept.meta.update(node.meta)
         return kept
-    output.args = fx.node.map_arg(output.args, restrided)
+    consumer.args = fx.node.map_arg(consumer.args, restrided)
+    consumer.kwargs = fx.node.map_arg(consumer.kwargs, restrided)
 
 
 def with_strides(y: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from .capture import autocast_state
 from .dynamo_route import RECOMPILE_LIMIT
 from .hooks import global_hooks, has_hooks, own_hooks
 from .options import Options
@@ -45,6 +46,7 @@ _training = operator.attrgetter("training")
 # fx's own check where this torch has it (is_fx_tracing is also true under torch.export, and warns so)
 _fx_tracing = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", fx._symbolic_trace.is_fx_tracing)
 _grad_enabled = torch.is_grad_enabled
+_autocast_on = torch._C._is_any_autocast_enabled
 
 
 def _traced_by_fx(args: tuple, kwargs: dict) -> bool:
@@ -139,7 +141,8 @@ class ConvRewriteModule(nn.Module):
             # dispatched here: _dispatch and _key (which keys it the same way) would add two
             # calls, about 0.5 us a call
             flags = inlined[0].training if inlined else ()
-            key = (_grad_enabled(), flags, x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+            key = (_grad_enabled(), _autocast_on() and autocast_state(), flags,
+                   x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
             spec = d["_state"].specs.get(key)
             if spec is not None and not (spec.watched and spec.stale()):
                 return spec.gm.forward(x) if spec.gm is not None else (spec.compiled or original.forward)(x)
@@ -189,23 +192,25 @@ class ConvRewriteModule(nn.Module):
         return self.__dict__["_convrewrite_signature"]
 
     def _key(self, flat: tuple) -> tuple:
-        """Grad mode, the inlined modules' training flags and each argument's key. Written for
+        """Grad mode, autocast's state, the inlined modules' training flags and each argument's key. Written for
         speed: it runs on every call, and one tensor argument and one inlined module (the root)
         is the common case (the forms differ in length, so their keys cannot collide)."""
         inlined = self.__dict__["_convrewrite_inlined"]
         flags = inlined[0].training if len(inlined) == 1 else tuple(map(_training, inlined))
         if len(flat) == 1 and type(v := flat[0]) is torch.Tensor:  # as __call__ keys it
-            return (_grad_enabled(), flags, v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
-        return (_grad_enabled(), flags, *map(_value_key, flat))
+            return (_grad_enabled(), _autocast_on() and autocast_state(), flags,
+                    v.shape, v.stride(), v.dtype, v.device, v.requires_grad)
+        return (_grad_enabled(), _autocast_on() and autocast_state(), flags, *map(_value_key, flat))
 
     def _call_key(self, args: tuple, kwargs: dict) -> tuple:
         """The key of a call: :meth:`_key` where the arguments bind to forward's parameters,
-        else grad mode, the root's training flag and the arguments as given (dynamo's guards
+        else grad mode, autocast's state, the root's training flag and the arguments as given (dynamo's guards
         cover the rest of a compiled forward's assumptions)."""
         flat = self._flat(args, kwargs)
         if flat is not None:
             return self._key(flat)
-        return (_grad_enabled(), "as given", self.original.training, _value_key(args), _value_key(kwargs))
+        return (_grad_enabled(), _autocast_on() and autocast_state(), "as given", self.original.training,
+                _value_key(args), _value_key(kwargs))
 
     def _specialized(self, args: tuple, kwargs: dict, flat: tuple | None):
         """The specialisation for this call, and its output if building it ran the call."""

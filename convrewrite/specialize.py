@@ -19,7 +19,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import distributed
-from .capture import ROOT, CaptureError, annotate, capture, fold_sizes, hidden_sites, opaque_root
+from .capture import (ROOT, CaptureError, annotate, autocast_state, capture, fold_sizes, hidden_sites,
+                      opaque_root)
 from .check import GraphFigures, judged_once, whole_graph_times
 from .dynamo_route import DynamoRoute
 from .hooks import has_hooks, own_hooks
@@ -67,9 +68,13 @@ class Specializer:
         """Capture (once per pattern of None/bool arguments), annotate by running the graph
         once on these inputs (its output is this call's), and rewrite."""
         signature = describe(flat)
+        if autocast_state():
+            return self._under_autocast(signature), NOT_RUN
         traced = self._trace(flat)
-        if isinstance(traced, str) or hidden_sites(traced):  # dynamo sees into what fx cannot trace
-            return self.through_dynamo(*_as_call(self.signature, flat))
+        hidden = {} if isinstance(traced, str) else hidden_sites(traced)
+        if isinstance(traced, str) or hidden:  # dynamo sees into what fx cannot trace
+            why = traced if isinstance(traced, str) else "; ".join(w if path == ROOT else f"{path}: {w}" for path, w in hidden.items())
+            return self.through_dynamo(*_as_call(self.signature, flat), untraced=why)
         try:
             gm = _sharing_graph_module(traced, self.original)
             output = annotate(gm, flat)
@@ -113,16 +118,30 @@ class Specializer:
             report = self._checked(report, gm, flat, captured)
         return report
 
-    def through_dynamo(self, args: tuple, kwargs: dict):
-        """Capture through dynamo (see :mod:`convrewrite.dynamo_route`), running this call."""
+    def through_dynamo(self, args: tuple, kwargs: dict, untraced: str = ""):
+        """Capture through dynamo (see :mod:`convrewrite.dynamo_route`), running this call;
+        ``untraced``: why fx could not capture it, for the report."""
         signature = describe((*args, *kwargs.values()))
+        if autocast_state():
+            return self._under_autocast(signature), NOT_RUN
         if self.dynamo is None:
             self.dynamo = DynamoRoute(self.original, self.options)
         try:
             compiled, report, output = self.dynamo.specialize(args, kwargs, signature)
         except Exception as e:  # the original reports the user's own error, if it is one
             return self._fallen_back(signature, "capture through dynamo failed", e), NOT_RUN
+        report = report.noted(f"not traced by fx: {untraced}") if untraced else report
         return Specialization(None, report, compiled=compiled if report.rewritten else None), output
+
+    def _under_autocast(self, signature: str) -> Specialization:
+        """The original, for calls under ``torch.autocast``: the forms are verified in one
+        dtype, and autocast runs some of their ops in another (a matmul in bfloat16, the bias
+        added to it in float32), so a rewrite could change the output's dtype."""
+        why = "calls under torch.autocast run the original: its forms are verified without autocast"
+        if why not in self.warned:
+            self.warned.add(why)
+            warn_user(f"convrewrite: {why} ({type(self.original).__name__})")
+        return Specialization(None, Report(signature=signature, note=f"not rewritten: {why}"))
 
     def _fallen_back(self, signature: str, what: str, error: Exception) -> Specialization:
         """The original, for these inputs, with one warning naming the real reason."""

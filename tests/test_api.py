@@ -1,6 +1,8 @@
 """optimize() and explain(): semantics of the optimized module, with choices from fake tables."""
 
+import collections
 import copy
+import dataclasses
 import io
 import pickle
 import threading
@@ -19,6 +21,7 @@ from convrewrite.kinds.channel_mix.forms import conv
 from convrewrite.module import ConvRewriteModule
 
 from .helpers import assert_same_outputs_and_grads
+from .test_capture import Counting, RunningMean, Scaled
 
 
 class PointNetish(nn.Module):
@@ -500,6 +503,38 @@ def test_chains_keep_outputs_and_gradients(model, x):
     assert len(opt.report.rewritten) == len(chains)
 
 
+Pair = collections.namedtuple("Pair", "out aux")
+
+
+@dataclasses.dataclass
+class Out:
+    out: torch.Tensor
+
+
+@pytest.mark.parametrize("wrap", [lambda y: {"out": y}, lambda y: [y], lambda y: Pair(y, None), Out],
+                         ids=["dict", "list", "namedtuple", "dataclass"])
+def test_a_chain_returned_inside_a_container_keeps_its_layout(wrap):
+    class Wrapped(nn.Module):
+        """A pointwise conv, then a chain whose permute back makes the sum channels-last."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.mix = nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x)).relu()
+            return wrap(self.mix(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + x)
+
+    model, x = Wrapped().eval(), torch.randn(2, 6, 3, 5, requires_grad=True)
+    optimized = convrewrite.optimize(model)
+    optimized(x)  # the first call's output is the captured graph's, as written
+    got, expected = optimized(x), model(x)
+    assert type(got) is type(expected)
+    got, expected = (o["out"] if isinstance(o, dict) else o[0] if isinstance(o, list) else o.out for o in (got, expected))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert got.stride() == expected.stride()
+
+
 def test_forced_chain_rewrite_removes_the_permutes(fake_table, tmp_path):
     from convrewrite.table import CostTable, fingerprint
     model, x = ConvNeXtBlock(), torch.randn(2, 8, 6, 6)
@@ -578,3 +613,46 @@ def test_a_call_in_another_thread_while_fx_traces_still_specialises(model_and_ta
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x))
     assert len(opt._state.specs) == 1
+
+
+class CountingThenBranching(Counting):
+    """Counts its calls, then branches on the data: fx counts once and fails after."""
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+
+@pytest.mark.parametrize("make", [Counting, CountingThenBranching, RunningMean, Scaled,
+                                  lambda: Scaled(lambda: torch.autocast("cpu", torch.bfloat16))],
+                         ids=["buffer changed in place", "fx fails after", "buffer assigned", "no_grad", "autocast"])
+def test_a_model_changing_its_buffers_or_modes_in_forward_runs_as_written(make):
+    torch.manual_seed(0)
+    model = make().train()
+    reference = copy.deepcopy(model)
+    optimized = convrewrite.optimize(model)
+    for _ in range(3):
+        x = torch.randn(2, 3, 4, 4)
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want, got = reference(xr), optimized(xo)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), xo), torch.autograd.grad(want.sum(), xr))
+        for (name, buffer), expected in zip(model.named_buffers(), reference.buffers(), strict=True):
+            torch.testing.assert_close(buffer, expected, msg=name)
+            assert buffer.grad_fn is None and not buffer.requires_grad
+    assert optimized.report.rewritten and "not traced by fx" in optimized.report.note
+
+
+def test_calls_under_autocast_run_the_original_and_other_calls_keep_their_rewrite():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    optimized, x = convrewrite.optimize(model, forms=["matmul"]), torch.randn(2, 4, 6, 5)
+    torch.testing.assert_close(optimized(x), model(x))
+    assert optimized.report.rewritten
+    with torch.autocast("cpu", torch.bfloat16):
+        with pytest.warns(UserWarning, match="torch.autocast run the original"):
+            got = optimized(x)
+        torch.testing.assert_close(got, model(x))  # bfloat16, as the original's
+        assert "torch.autocast" in optimized.report_for(x).note and not optimized.report_for(x).rewritten
+    torch.testing.assert_close(optimized(x), model(x))
+    assert optimized.report_for(x).rewritten

@@ -254,3 +254,73 @@ def test_fold_sizes_keeps_the_sizes_of_tensors_shaped_by_their_data():
     assert [n.name for n in shapes_read] == ["getitem"]  # picked's, not x's: x's shape is folded
     torch.testing.assert_close(gm(-x), model(-x))
     torch.testing.assert_close(gm(x.abs()), model(x.abs()))
+
+
+class Counting(nn.Module):
+    """Counts its calls in a buffer: code fx runs for real while it traces (no Proxy in it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x)
+
+
+class RunningMean(nn.Module):
+    """Keeps a running mean of its inputs by assigning the buffer again (VQ-VAE's codebook, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.register_buffer("mean", torch.zeros(3))
+
+    def forward(self, x):
+        self.mean = 0.9 * self.mean + 0.1 * x.detach().mean((0, 2, 3))
+        return self.conv(x - self.mean[:, None, None])
+
+
+class Scaled(nn.Module):
+    """Computes its scale in another mode (without grad, under autocast): a context fx does not record."""
+
+    def __init__(self, context=torch.no_grad):
+        super().__init__()
+        self.conv, self.context = nn.Conv2d(3, 3, 1), context
+
+    def forward(self, x):
+        with self.context():
+            scale = self.conv(x).abs().amax()
+        return self.conv(x) / scale
+
+
+def _in_bfloat16():
+    return torch.autocast("cpu", torch.bfloat16)
+
+
+@pytest.mark.parametrize("inner", [Counting, RunningMean, Scaled, lambda: Scaled(_in_bfloat16)],
+                         ids=["buffer changed in place", "buffer assigned", "no_grad", "autocast"])
+def test_code_fx_cannot_record_is_kept_opaque_and_the_module_left_as_it_was(inner):
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.inner = nn.Conv2d(3, 3, 1), inner()
+
+        def forward(self, x):
+            return self.inner(self.pre(x))
+
+    model = Outer()
+    state = {k: (v, v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    gm = capture(model)
+    assert [n.target for n in gm.graph.nodes if OPAQUE in n.meta] == ["inner"]
+    assert "fx does not record" in gm.graph.find_nodes(op="call_module", target="inner")[0].meta[OPAQUE]
+    now = model.state_dict(keep_vars=True)
+    assert now.keys() == state.keys() and all(now[k] is tensor for k, (tensor, _) in state.items())
+    assert all(torch.equal(tensor, value) for tensor, value in state.values())
+
+
+def test_a_root_whose_forward_changes_its_buffer_is_one_opaque_call():
+    model = Counting()
+    gm = capture(model)
+    assert "calls in place, which fx does not record" in opaque_root(gm) and model.calls.item() == 0
