@@ -378,8 +378,13 @@ def _traced(node: fx.Node, values: list) -> fx.GraphModule | None:
         return None
     if any(n.op == "get_attr" for n in traced.graph.nodes):
         return None
-    for n in traced.graph.nodes:  # AOTAutograd's cache keys a method call only on a tensor with this meta
-        if isinstance(n.meta.get("val"), torch.Tensor):
+    for n in traced.graph.nodes:
+        # make_fx on real values turns a reshape into a view where their strides allow it; the
+        # compiler's own trace may lay the site's input out otherwise (after an interpolate and
+        # a cat, say), where only a reshape is legal
+        if n.target is torch.ops.aten.view.default:
+            n.target = torch.ops.aten.reshape.default
+        if isinstance(n.meta.get("val"), torch.Tensor):  # AOTAutograd's cache keys a call on this meta
             n.meta["example_value"] = n.meta["val"]
     return traced
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn as nn
+import torch.nn.functional as F
 
 from convrewrite import backend, table
 from convrewrite.backend import annotate_from_meta, inline_site_calls, parse_options, settle
@@ -417,3 +418,22 @@ def test_a_later_process_compiles_only_the_graph_timed_faster_before(fake_table,
     assert len(compiled_graphs) == 3 and first.ran == later.ran == runs
     assert "timed before on this machine" in later.note and bool(later.rewritten) == (runs == "rewritten")
 
+
+
+def test_a_form_traced_on_channels_last_values_compiles_where_inductor_lays_them_out_otherwise():
+    """Dynamo records the 1x1 conv's input as channels-last (a permuted [N, H, W, C] feature map,
+    as ConvNeXt's and Swin's are); inductor's trace of interpolate and cat makes it contiguous,
+    where a view that the channels-last strides allowed is illegal."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.classify = nn.Conv2d(32, 16, 3, padding=1), nn.Conv2d(16, 3, 1)
+
+        def forward(self, features):
+            x = F.interpolate(features.permute(0, 3, 1, 2), scale_factor=2.0, mode="bilinear")
+            return self.classify(self.conv(torch.cat([x, x], 1)))
+
+    model, features = Head().eval(), torch.randn(2, 4, 4, 16)
+    compiled = torch.compile(model, backend="convrewrite", options={"forms": ["addmm"]})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(features), model(features))
