@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from . import distributed
 from .capture import META, TRACING, TensorInfo
-from .check import FRAME_S, ORIGINAL, REWRITTEN, GraphFigures, compiled_times, fastest
+from .check import FRAME_S, ORIGINAL, REWRITTEN, GraphFigures, compiled_times, fastest, kept_because
 from .emit import SiteCall, with_strides
 from .kinds.conv import ConvSpec
 from .measure import Timings
@@ -165,7 +165,7 @@ def _figures(variants: dict, example_inputs, inner, mode: str | None, report: Re
 def _as_timed_before(report: Report, times: Timings, chosen: str) -> Report:
     report = report.noted(_times_line(times, ", as timed before on this machine") + f"; only {chosen} compiled")
     if chosen != REWRITTEN and report.rewritten:
-        report = report.kept_original(f"kept original: {chosen} ran faster when timed before")
+        report = report.kept_original(kept_because(times, FRAME_S, " when timed before"))
     return report
 
 
@@ -218,7 +218,7 @@ class FastestCompiled:
         first = REWRITTEN if REWRITTEN in variants else ORIGINAL
         self.compiled = {first: compile_one(variants[first])}
         rest = {name: v for name, v in variants.items() if name != first}
-        self._run = self.only = None
+        self._run = self.only = self._times = None
         self._first = self.compiled[first]
         self._lock = threading.Lock()
         self._pending = None
@@ -246,9 +246,14 @@ class FastestCompiled:
         chosen = self._timed(args) if len(self.compiled) > 1 else next(iter(self.compiled))
         self.report = self.report.running(chosen)
         if chosen != REWRITTEN and self.report.rewritten:
-            self.report = self.report.kept_original(f"kept original: {chosen} ran faster")
+            self.report = self.report.kept_original(self._why_kept())
         log.info("%s", self.report)
         return chosen
+
+    def _why_kept(self) -> str:
+        if self._times is None:  # another rank timed them
+            return f"kept original: as rank {distributed.DECIDING_RANK} chose"
+        return kept_because(self._times, FRAME_S)
 
     def _timed(self, args) -> str:
         """The fastest compiled graph; in a job that trains (``topic`` set), rank 0's (the
@@ -259,7 +264,7 @@ class FastestCompiled:
         return chosen if chosen in self.compiled else ORIGINAL
 
     def _fastest(self, args) -> str:
-        times = compiled_times(self.compiled, list(args), self._params)
+        times = self._times = compiled_times(self.compiled, list(args), self._params)
         if self._memory is not None:
             self._memory.keep(times)
         self.report = self.report.noted(_times_line(times))

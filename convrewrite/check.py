@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .decide import beats
+from .decide import NOISE_SIGMAS, beats
 from .device import cache_flush, rng_kept
 from .forms import source_hashes
 from .measure import Timings, time_callables
@@ -151,8 +151,23 @@ def judged(report: Report, times: Timings, what: str, original: str = "as writte
     load = " (under load from other processes)" if times.contended else ""
     line = f"{what}, warm, on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms {original}{load}"
     if not rewrite_wins(times):
-        return report.kept_original(f"kept original: the rewritten graph ran {new / old:.2f}x the time").noted(line)
+        return report.kept_original(kept_because(times)).noted(line)
     return report.noted(line)
+
+
+def kept_because(times: Mapping[str, float], slack_s: float = 0.0, when: str = "") -> str:
+    """Why :func:`fastest` kept the original on ``times``: the rewrite was slower, or faster
+    by less than the margin, the figures' noise or ``slack_s`` seconds a call demand."""
+    ratio = times[REWRITTEN] / times[ORIGINAL]
+    why = f"kept original: the rewritten graph ran {ratio:.2f}x the time{when}"
+    if ratio >= 1:
+        return why
+    noise = times.noise if isinstance(times, Timings) else 0.0
+    if NOISE_SIGMAS * noise > MARGIN - 1:
+        return f"{why}, a lead inside the figures' noise ({noise:.0%} each way, {NOISE_SIGMAS:g} times that needed)"
+    if ratio * MARGIN >= 1:
+        return f"{why}, less than the {MARGIN - 1:.0%} margin"
+    return f"{why}, less than the margin and {slack_s * 1e6:.0f} us a call"
 
 
 def rewrite_wins(times: Mapping[str, float]) -> bool:

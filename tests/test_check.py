@@ -56,6 +56,18 @@ def test_a_tie_within_the_margin_keeps_the_original(table, check_times):
     assert not report.rewritten and "0.99x the time" in report.sites[0].note
 
 
+@pytest.mark.parametrize("times, why", [
+    (Timings({"original": 1e-3, "rewritten": 1.2e-3}), "ran 1.20x the time"),
+    (Timings({"original": 1e-3, "rewritten": 0.98e-3}), "ran 0.98x the time, less than the 5% margin"),
+    (Timings({"original": 1e-3, "rewritten": 0.2e-3}, {"original": 2.0, "rewritten": 0.1}),
+     "ran 0.20x the time, a lead inside the figures' noise (283% each way"),
+    (Timings({"original": 1e-3, "rewritten": 0.9e-3}), "ran 0.90x the time, less than the margin and 200 us a call"),
+], ids=["slower", "margin", "noise", "slack"])
+def test_the_note_of_a_kept_original_names_what_outweighed_the_rewrite(times, why):
+    assert check.fastest(times, slack_s=2e-4) == check.ORIGINAL
+    assert why in check.kept_because(times, slack_s=2e-4)
+
+
 def test_close_graphs_are_timed_again_with_more_rounds(table, check_times, monkeypatch, tmp_path):
     seen = []
 
