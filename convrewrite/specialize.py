@@ -87,7 +87,7 @@ class Specializer:
         except Exception as e:  # a failure of the pass never reaches the user: this call's output stands
             return self._fallen_back(signature, "rewriting failed", e), output
         if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
-            if why and why not in self.warned:
+            if why and not report.sites and why not in self.warned:  # a site found and kept says why itself
                 self.warned.add(why)
                 warn_user(f"convrewrite: {type(self.original).__name__} runs unchanged: {why}")
             return Specialization(None, report), output

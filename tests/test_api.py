@@ -656,3 +656,26 @@ def test_calls_under_autocast_run_the_original_and_other_calls_keep_their_rewrit
         assert "torch.autocast" in optimized.report_for(x).note and not optimized.report_for(x).rewritten
     torch.testing.assert_close(optimized(x), model(x))
     assert optimized.report_for(x).rewritten
+
+
+def test_untraceable_code_analysed_and_kept_as_written_gives_no_warning(clock):
+    class TapLoop(nn.Module):
+        """A causal depthwise conv as a loop over taps, their number read from the weight."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 8))
+
+        def forward(self, x):
+            steps, taps = x.shape[1], self.w.shape[0]  # range() of a Proxy: fx fails
+            padded = F.pad(x, (0, 0, taps - 1, 0))
+            return sum(self.w[t] * padded[:, t:t + steps] for t in range(taps))
+
+    clock.seconds = lambda spec, name: 1.0  # every form slower than the loop as written
+    model, x = TapLoop(), torch.randn(2, 16, 8)
+    optimized = convrewrite.optimize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(optimized(x), model(x))
+    assert optimized.report.sites and not optimized.report.rewritten
+    assert "not traced: torch.fx.symbolic_trace failed" in optimized.report.note
