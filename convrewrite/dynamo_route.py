@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import threading
 from typing import Callable
 
@@ -36,6 +37,7 @@ from .backend import FastestCompiled, compile_graph
 from .check import GraphFigures, judged_once, whole_graph_times
 from .options import Options
 from .report import Report
+from .rules._fx import dotted
 
 RECOMPILE_LIMIT = 64  # graphs per frame of one optimized module: one per signature it keeps
 _ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
@@ -83,8 +85,27 @@ class DynamoRoute:
     def _backend(self, gm, example_inputs):
         self._codes.append(gm.code)
         compiled = compile_graph(gm, example_inputs, self.options, "eager")
+        compiled.report = compiled.report.under(self._frame_path(gm, example_inputs))
         self._new.append(compiled)
         return compiled.only or compiled
+
+    def _frame_path(self, gm, example_inputs) -> str:
+        """The path, in the optimized module, of the module whose frame dynamo captured ``gm``
+        from ("" for the module's own forward). Dynamo names what a frame reads from its own
+        ``self``: after a graph break inside a submodule, every site would be named as if that
+        submodule were the root. A parameter the graph reads tells which module it is (the
+        first one dynamo compiled the graph for, where several share its code)."""
+        names = {id(t): n for n, t in itertools.chain(self.module.named_parameters(remove_duplicate=False),
+                                                      self.module.named_buffers(remove_duplicate=False))}
+        for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+            name, grapharg = names.get(id(value)), node.meta.get("grapharg")
+            if name is None or grapharg is None:
+                continue
+            source = grapharg.source.name
+            local = dotted(source() if callable(source) else source)
+            if name == local or name.endswith(f".{local}"):
+                return name[:len(name) - len(local)].rstrip(".")
+        return ""
 
     def _checked(self, report: Report, args: tuple, kwargs: dict) -> Report:
         figures = GraphFigures.of("dynamo route", (args, kwargs), report, "\n".join(self._codes), self.module)

@@ -50,6 +50,13 @@ class Report:
                       for s in self.sites)
         return dataclasses.replace(self, sites=sites)
 
+    def under(self, path: str) -> "Report":
+        """This report with its sites' paths read from ``path``, a module of the one they were found in."""
+        if not path:
+            return self
+        return dataclasses.replace(self, sites=tuple(
+            dataclasses.replace(s, path=f"{path}.{s.path}" if s.path else path) for s in self.sites))
+
     def running(self, graph: str) -> "Report":
         """This report, saying the backend runs compiled ``graph``."""
         return dataclasses.replace(self, ran=graph)

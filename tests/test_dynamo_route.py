@@ -248,3 +248,28 @@ def test_many_signatures_and_instances_are_each_captured_past_dynamos_recompile_
         with torch.no_grad():
             other(torch.randn(2, 4, 5))
         assert other.report.rewritten, other.report.note
+
+
+def test_sites_after_a_graph_break_inside_a_submodule_are_named_by_their_path_in_the_model():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 1)
+
+        def forward(self, x, **options):
+            torch._dynamo.graph_break()  # the rest of this forward is a frame of its own, its self this block
+            return self.conv(x).relu()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Conv1d(4, 4, 1), Block())
+
+        def forward(self, x, **options):
+            return self.encoder(x)
+
+    model, x = Net(), torch.randn(2, 4, 5)
+    optimized = convrewrite.optimize(model)
+    torch.testing.assert_close(optimized(x), model(x))
+    paths = [s.path for s in optimized.report.sites]
+    assert "encoder.1.conv" in paths and all(isinstance(model.get_submodule(p), nn.Conv1d) for p in paths)

@@ -46,16 +46,17 @@ def module_path(node: fx.Node) -> str:
     fx by its qualified name. An optimized module's proxy is left out, as it is from a user's
     attribute access."""
     stack = node.meta.get("nn_module_stack") or {}
-    return _dotted(next(reversed(stack.values()))[0]) if stack else ""
+    return dotted(next(reversed(stack.values()))[0]) if stack else ""
 
 
-_ROOT = re.compile(r"^L\['[^']*'\](?:\.__self__)?\.?")
+_ROOT = re.compile(r"^L\['[^']*'\](?:\.__self__)?")
 # the proxy's ways to its original module: the attribute, or the first of its inlined modules
 _PROXY = re.compile(r"\.?__dict__\['_convrewrite_(?:original'\]|inlined'\]\[0\])")
-_ITEM = re.compile(r"(?:\._modules)?\[\'?([^'\]]*)\'?\]")
+_ITEM = re.compile(r"(?:\._(?:modules|parameters|buffers))?\[\'?([^'\]]*)\'?\]")
 
 
-def _dotted(source: str) -> str:
+def dotted(source: str) -> str:
+    """A dynamo source (``L['self'].enc._modules['0']._parameters['weight']``) as a dotted path (``enc.0.weight``)."""
     while (call := re.search(r"getattr\(([^()]*), '([^']*)'\)", source)):  # innermost first
         source = f"{source[:call.start()]}{call[1]}.{call[2]}{source[call.end():]}"
     source = _PROXY.sub("", _ROOT.sub("", source))
