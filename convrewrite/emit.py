@@ -126,7 +126,7 @@ def keep_output_strides(gm: fx.GraphModule) -> None:
 
 def _restride_arguments(graph: fx.Graph, consumer: fx.Node) -> None:
     """``consumer``'s tensor arguments with their strides as written, into the containers
-    (dicts, lists, namedtuples) it returns."""
+    (dicts, lists, namedtuples, dataclasses) it returns."""
     def restrided(node: fx.Node) -> fx.Node:
         if rebuilds_container(node):
             _restride_arguments(graph, node)

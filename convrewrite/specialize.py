@@ -73,7 +73,8 @@ class Specializer:
         traced = self._trace(flat)
         hidden = {} if isinstance(traced, str) else hidden_sites(traced)
         if isinstance(traced, str) or hidden:  # dynamo sees into what fx cannot trace
-            why = traced if isinstance(traced, str) else "; ".join(w if path == ROOT else f"{path}: {w}" for path, w in hidden.items())
+            why = traced if isinstance(traced, str) else "; ".join(
+                w if path == ROOT else f"{path}: {w}" for path, w in hidden.items())
             return self.through_dynamo(*_as_call(self.signature, flat), untraced=why)
         try:
             gm = _sharing_graph_module(traced, self.original)
