@@ -46,8 +46,9 @@ def rewrite_exported(ep: torch.export.ExportedProgram, *, executor: str = "induc
     """``ep`` with each rewritable site in its fastest equal form for ``executor``
     (``"inductor"``: figures measured under inductor, as AOTInductor compiles the program;
     ``"eager"``: as ``ep.module()`` runs), and the pass's report. Decided on the program's
-    example inputs; every rewritten site verified against its original there, and (with
-    ``check``) the whole program timed against the program as exported. ``options``: see
+    example inputs, for inference (under ``torch.no_grad``, whatever the caller's grad mode);
+    every rewritten site verified against its original there, and (with ``check``) the whole
+    program timed against the program as exported. ``options``: see
     :class:`convrewrite.Options`."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
@@ -59,8 +60,9 @@ def rewrite_exported(ep: torch.export.ExportedProgram, *, executor: str = "induc
     args, kwargs = ep.example_inputs
     gm = ep.module()
     _as_torch_functions(gm)
-    annotate(gm, tuple(pytree.tree_leaves((args, kwargs))))
-    report = rewrite(gm, pass_options, executor=executor)
+    with torch.no_grad():  # decided for inference, as AOTInductor runs the program, whatever the caller's grad mode
+        annotate(gm, tuple(pytree.tree_leaves((args, kwargs))))
+        report = rewrite(gm, pass_options, executor=executor)
     if report.rewritten and pass_options.check:
         report = _checked(report, ep, gm, executor)
     if not report.rewritten:

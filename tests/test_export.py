@@ -30,9 +30,11 @@ class ConvThenLinear(nn.Module):
 
 
 def forcing(fake_table, model, x, executor, winner="matmul"):
-    """A table where ``winner`` is fastest for every site of ``model`` run by ``executor``."""
+    """A table where ``winner`` is fastest for every site of ``model`` run by ``executor``, in
+    inference (what rewrite_exported decides for)."""
     gm = capture(model)
-    annotate(gm, (x,))
+    with torch.no_grad():
+        annotate(gm, (x,))
     return str(fake_table([dataclasses.replace(s.spec, executor=executor) for s in find_sites(gm)], winner=winner))
 
 
@@ -49,6 +51,14 @@ def test_the_chosen_form_replaces_the_aten_conv_and_the_program_stays_equal(fake
     torch.testing.assert_close(new.module()(x), model(x))
     assert new.state_dict.keys() == ep.state_dict.keys()
     assert new.graph_signature.buffers == ep.graph_signature.buffers
+
+
+def test_sites_are_decided_for_inference_whatever_the_callers_grad_mode(fake_table):
+    model, x = ConvThenLinear().eval(), torch.randn(2, 8, 12)
+    ep = torch.export.export(model, (x,))
+    assert torch.is_grad_enabled()
+    _, report = rewrite_exported(ep, table=forcing(fake_table, model, x, "inductor"))
+    assert len(report) == 2 and all("|infer|" in s.key for s in report) and report.rewritten
 
 
 def test_nothing_faster_returns_the_same_program(fake_table):
