@@ -46,8 +46,8 @@ class Report:
 
     def kept_original(self, why: str) -> "Report":
         """This report with every rewritten site back on its original, noting ``why``."""
-        sites = tuple(dataclasses.replace(s, chosen=s.original, note=why) if s.chosen != s.original else s
-                      for s in self.sites)
+        sites = tuple(dataclasses.replace(s, chosen=s.original, t_chosen=s.t_original, note=why)
+                      if s.chosen != s.original else s for s in self.sites)
         return dataclasses.replace(self, sites=sites)
 
     def under(self, path: str) -> "Report":

@@ -28,3 +28,10 @@ def test_a_fastest_candidate_that_lost_says_why():
 
 def test_a_report_without_figures_says_so():
     assert Report((site("a", "conv", {}),)).candidates() == "no candidate was timed or predicted"
+
+
+def test_a_site_kept_on_its_original_shows_the_originals_figure_as_the_chosen_one():
+    times = {"conv": 4e-6, "matmul": 2e-6}
+    (kept,) = Report((site("a", "matmul", times),)).kept_original("kept original: the check").sites
+    assert (kept.chosen, kept.t_chosen, kept.predicted_speedup) == ("conv", 4e-6, 1.0)
+    assert str(Report((kept,))).splitlines()[-1].split()[5:10] == ["conv", "conv", "4", "4", "1.00x"]
