@@ -51,6 +51,17 @@ MERGE_TRIES = 5
 GRAPH_KEY = "graph"  # the key prefix of the backend's compiled graphs' figures (no spec kind has this name)
 
 
+def _file_mode() -> int:
+    """What a file this process creates gets: read-write for all, less the umask (read once, at
+    import, as setting it to read it is not thread-safe)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 class TableError(ValueError):
     """A cost-table file that cannot be used (truncated, corrupt, wrong version or device)."""
 
@@ -141,6 +152,7 @@ class CostTable:
             merged = self._merged_with_disk(path) if merge else self
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
             try:
+                os.fchmod(fd, FILE_MODE)  # mkstemp's file is its owner's alone; a table is shared as any file is
                 with os.fdopen(fd, "w") as f:
                     json.dump(merged.to_json(), f, indent=1, sort_keys=True)
                     f.flush()

@@ -193,6 +193,9 @@ def main(argv=None) -> int:
         path.unlink()
         print(f"deleted {path}")
     elif args.command == "export":
-        shutil.copyfile(path, args.file)
+        try:
+            shutil.copyfile(path, args.file)
+        except OSError as e:
+            sys.exit(f"convrewrite.table: could not write {args.file}: {e.strerror}")
         print(f"{path} -> {args.file}")
     return 0

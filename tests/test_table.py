@@ -255,3 +255,11 @@ def test_figures_of_different_measurements_are_not_mixed_in_one_entry(tmp_path):
     t = table_with([(SPEC, {"conv": 4e-3, "matmul": 2e-3, "linear": 3e-3})])
     t.add(SPEC.key(), {"conv": 2e-3, "matmul": 1e-3}, {})  # a later measurement without linear
     assert t.lookup(SPEC) == {"conv": 2e-3, "matmul": 1e-3}
+
+
+def test_a_written_table_has_the_mode_of_any_file_this_process_creates(tmp_path):
+    path = tmp_path / "t.json"
+    table_with([(SPEC, {"conv": 1e-3})]).write(path)
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == table_module.FILE_MODE

@@ -80,6 +80,11 @@ def test_export_import_round_trip_and_reset(table, tmp_path):
     assert CostTable.read(table).entries == CostTable.read(exported).entries
 
 
+def test_export_to_a_missing_folder_is_a_one_line_error(table, tmp_path):
+    with pytest.raises(SystemExit, match="could not write .*No such file or directory"):
+        tablecmd.main(["export", str(tmp_path / "missing" / "exported.json")])
+
+
 def test_import_refuses_another_machines_table_unless_forced(table, tmp_path):
     foreign = CostTable.read(table)
     foreign.fingerprint = {**fingerprint("cpu"), "threads": fingerprint("cpu")["threads"] + 7}
