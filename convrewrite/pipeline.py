@@ -56,13 +56,20 @@ def _decided(gm: fx.GraphModule, site: Site, name: str, options: Options, execut
         return SiteReport(site.path, site.pattern, "-", AS_WRITTEN, AS_WRITTEN, site.source_seconds, None, NONE,
                           site.note)
     if site.spec.device == "meta":  # no data: nothing can be timed or verified
-        return SiteReport(site.path, site.pattern, site.spec.describe(), site.original, site.original, None, None,
+        return SiteReport(site.path, site.pattern, _shape(site.spec), site.original, site.original, None, None,
                           NONE, "meta tensors: nothing to time or verify", kind=site.spec.kind)
     # a lifted loop becomes one conv op, which inductor runs as an extern kernel: its
     # forms are timed eagerly, as the code they replace was
     run_by = "eager" if site.from_code else executor
     site = dataclasses.replace(_follow(site, replaced), spec=dataclasses.replace(site.spec, executor=run_by))
     return _rewrite_site(gm, site, name, options, replaced, _choice(site, options, choices, taken))
+
+
+def _shape(spec) -> str:
+    """A site's shape for its report, with the mode its figures are for (infer, train, or
+    train-w: gradients to the parameters only): a training step's figures are several times
+    an inference call's."""
+    return f"{spec.describe()} {spec.mode}"
 
 
 def _follow(site: Site, replaced: dict) -> Site:
@@ -82,7 +89,7 @@ def _rewrite_site(gm: fx.GraphModule, site: Site, name: str, options: Options, r
             chosen, note = choice.original, f"kept original: {problem}"
         else:
             replaced[site.node] = emit(gm, site, form, name)
-    return SiteReport(site.path, site.pattern, site.spec.describe(), choice.original, chosen,
+    return SiteReport(site.path, site.pattern, _shape(site.spec), choice.original, chosen,
                       choice.t_original, choice.times.get(chosen), choice.source, note, site.spec.key(),
                       dict(choice.times), site.spec.kind)
 

@@ -679,3 +679,13 @@ def test_untraceable_code_analysed_and_kept_as_written_gives_no_warning(clock):
         torch.testing.assert_close(optimized(x), model(x))
     assert optimized.report.sites and not optimized.report.rewritten
     assert "not traced: torch.fx.symbolic_trace failed" in optimized.report.note
+
+
+def test_each_sites_shape_in_the_report_names_the_mode_its_figures_are_for():
+    model, x = nn.Sequential(nn.Conv1d(4, 8, 1), nn.ReLU(), nn.Conv1d(8, 4, 1)), torch.randn(2, 4, 6)
+    optimized = convrewrite.optimize(model)
+    with torch.no_grad():
+        optimized(x)
+        assert [s.shape.split()[-1] for s in optimized.report_for(x)] == ["infer", "infer"]
+    optimized(x)  # the first layer's input needs no gradient: its weights' alone
+    assert [s.shape.split()[-1] for s in optimized.report_for(x)] == ["train-w", "train"]
