@@ -50,7 +50,8 @@ def optimize(model: nn.Module, example_inputs=None, **options) -> ConvRewriteMod
 def explain(model: nn.Module, *example_inputs, **options) -> Report:
     """Report what ``optimize`` does to ``model`` on these inputs, site by site.
 
-    For a module returned by :func:`optimize`, its own specialisation for these inputs.
+    For a module returned by :func:`optimize`, its own specialisation for these inputs (made
+    now if it has none, as a call would make it: ``model.reports`` then lists it).
     ``print(report)`` shows each site's choice; ``print(report.candidates())`` every
     candidate's figure and why it won or lost.
     """
