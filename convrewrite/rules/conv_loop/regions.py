@@ -68,7 +68,7 @@ def _partitions(gm: fx.GraphModule) -> list[list[fx.Node]]:
     support = create_op_support(lambda _, node: _name(node) in _OPS)
     copied: dict[fx.Node, fx.Node] = {}
     graph = fx.Graph()
-    graph.graph_copy(gm.graph, copied)
+    graph.output(graph.graph_copy(gm.graph, copied))  # graph_copy leaves the output out: a graph without it has no code
     for node in copied.values():
         if _indexes(node):
             node.target = index

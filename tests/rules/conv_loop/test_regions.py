@@ -153,3 +153,13 @@ def test_a_getitem_that_reads_two_partitions_does_not_hang_the_partitioner():
     (candidates, gm), = found
     assert any(n.target is operator.getitem and len(n.all_input_nodes) == 2 for n in gm.graph.nodes)
     assert candidates == []  # one tensor read, nothing that computes a convolution
+
+
+class ReturnsItsInput(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_a_graph_of_no_ops_has_no_regions():
+    gm = torch.fx.symbolic_trace(ReturnsItsInput())  # a copy of it without the output node had no code
+    assert regions.candidates(gm) == []
