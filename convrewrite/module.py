@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import autocast_state
 from .dynamo_route import RECOMPILE_LIMIT
-from .hooks import global_hooks, has_hooks, own_hooks
+from .hooks import has_hooks, hooks_on_either
 from .options import Options
 from .report import Report
 from .specialize import NOT_RUN, Specialization, Specializer
@@ -129,11 +129,11 @@ class ConvRewriteModule(nn.Module):
 
     def __call__(self, *args, **kwargs):
         # nn.Module.__call__ adds two frames and its own hook checks to every call, a measurable
-        # share of a small model's time; without hooks, compile() or a jit trace it only calls forward.
+        # share of a small model's time; without hooks or compile() it only calls forward. A jit
+        # trace goes this way too once a specialisation is built: it records the same ops.
         d = self.__dict__
         original = d["_convrewrite_original"]
-        if global_hooks() or own_hooks(self) or own_hooks(original) \
-                or self._compiled_call_impl is not None or torch._C._get_tracing_state():
+        if hooks_on_either(self, original) or d.get("_compiled_call_impl") is not None:
             return super().__call__(*args, **kwargs)
         inlined = d["_convrewrite_inlined"]
         if len(args) == 1 and not kwargs and type(x := args[0]) is torch.Tensor and len(inlined) <= 1:
