@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,7 +57,9 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "RESULTS.md"
 MARKS = ("<!-- bench:figures -->", "<!-- /bench:figures -->")
 STEADY_S = 0.3  # each steady-state loop runs at least this long
-STEADY_REPEATS = 5
+# paired readings (a steady state, then a figure) per row: the VM's speed moves by more than
+# 15% over tens of seconds, so a figure is compared with a steady state read next to it
+PAIRS = 5
 EVAL_ROUNDS, EVAL_BLOCK_S = 21, 0.005  # the side-by-side comparison of a model's variants
 GRID = [  # (batch, in, out, length): Conv1d channel mixes from ~1 us to ~100 ms a call
     (1, 4, 4, 1), (1, 8, 8, 16), (2, 16, 32, 32), (4, 32, 32, 64), (8, 64, 64, 64), (8, 64, 128, 256),
@@ -65,40 +68,62 @@ GRID = [  # (batch, in, out, length): Conv1d channel mixes from ~1 us to ~100 ms
 
 
 def steady_seconds(fn) -> float:
-    """Median over ``STEADY_REPEATS`` loops of back-to-back calls (each at least ``STEADY_S``):
-    the mean cost a model running ``fn`` over and over sees, warm."""
+    """Seconds per call over one loop of back-to-back calls (at least ``STEADY_S``, after 3
+    warm-up calls): the mean cost a model running ``fn`` over and over sees, warm."""
     for _ in range(3):
         fn()
-    per_call = []
-    for _ in range(STEADY_REPEATS):
-        n, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < STEADY_S or n < 3:
-            fn()
-            n += 1
-        per_call.append(elapsed / n)
-    return statistics.median(per_call)
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < STEADY_S or n < 3:
+        fn()
+        n += 1
+    return elapsed / n
+
+
+def paired(steady_calls: dict, figures: Callable[[], dict]) -> dict[str, dict]:
+    """Per name: ``PAIRS`` readings of its steady state next to a figure, in alternating
+    order; the figure, the steady state and their ratio are medians over the pairs, and the
+    spread is how far the steady state itself moved between them (max over min)."""
+    readings = []
+    for i in range(PAIRS):
+        if i % 2 == 0:
+            st = {name: steady_seconds(call) for name, call in steady_calls.items()}
+            fig = figures()
+        else:
+            fig = figures()
+            st = {name: steady_seconds(call) for name, call in steady_calls.items()}
+        readings.append((fig, st))
+    rows = {}
+    for name in steady_calls:
+        figs, steadies = [f[name] for f, _ in readings], [s[name] for _, s in readings]
+        rows[name] = {"figure_us": statistics.median(figs) * 1e6, "steady_us": statistics.median(steadies) * 1e6,
+                      "ratio": statistics.median(f / s for f, s in zip(figs, steadies)),
+                      "steady_spread": max(steadies) / min(steadies)}
+    return rows
 
 
 def bench_steady() -> dict:
-    """Each form's figure against its steady state, which is timed before and after the figure:
-    how far the steady state itself moves between two readings is the comparison's floor."""
+    """Each form's figure against its steady state, read in pairs (:func:`paired`): how far
+    the steady state itself moves between pairs is the comparison's floor."""
     rows = []
     for batch, cin, cout, length in GRID:
-        spec = ChannelMixSpec(batch, cin, cout, (length,))
-        forms = [f for f in forms_for(spec) if f.name in (ORIGINAL, "linear", "baddbmm")]
-        args = spec.example_inputs(torch.Generator().manual_seed(0))
-        with torch.no_grad():  # as a model runs in inference
-            before = {f.name: steady_seconds(form_call(f, spec, args)) for f in forms}
-            figures = time_forms(spec, forms)
-            after = {f.name: steady_seconds(form_call(f, spec, args)) for f in forms}
-        for form in forms:
-            steady = (before[form.name] + after[form.name]) / 2
-            rows.append({"spec": spec.describe(), "form": form.name, "figure_us": figures[form.name] * 1e6,
-                         "steady_us": steady * 1e6, "ratio": figures[form.name] / steady,
-                         "steady_drift": before[form.name] / after[form.name], "contended": figures.contended})
-        print(f"steady: {spec.describe()} done", file=sys.stderr)
+        rows += _form_pairs(ChannelMixSpec(batch, cin, cout, (length,)))
     return {"rows": rows, "within_15pct": _share(r["ratio"] for r in rows),
-            "steady_within_15pct": _share(r["steady_drift"] for r in rows)}
+            "steady_within_15pct": _share(r["steady_spread"] for r in rows)}
+
+
+def _form_pairs(spec: ChannelMixSpec) -> list[dict]:
+    forms = [f for f in forms_for(spec) if f.name in (ORIGINAL, "linear", "baddbmm")]
+    args = spec.example_inputs(torch.Generator().manual_seed(0))
+    contended = []
+
+    def figures():
+        timings = time_forms(spec, forms)
+        contended.append(timings.contended)
+        return timings.seconds
+    with torch.no_grad():  # as a model runs in inference
+        pairs = paired({f.name: form_call(f, spec, args) for f in forms}, figures)
+    print(f"steady: {spec.describe()} done", file=sys.stderr)
+    return [{"spec": spec.describe(), "form": name, **row, "contended": sum(contended)} for name, row in pairs.items()]
 
 
 def _share(ratios) -> float:
@@ -242,34 +267,33 @@ CODE_MODES = ("infer", "train-w", "train")  # train-w: a first layer's step (no 
 
 def bench_code() -> dict:
     """Each loop's figure as written (the site's time of the code, as the pass measured it to
-    decide) against the steady state of the model running it, per mode."""
+    decide) against the steady state of the model running it, per mode, read in pairs."""
     from workloads import LOOP_WORKLOADS
-    os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-figures-")
     rows = []
     for w in (w for w in LOOP_WORKLOADS if w.name in CODE_WORKLOADS):
         for mode in CODE_MODES if w.train else CODE_MODES[:1]:
-            before, figure, after = _code_figure(w, mode)
-            steady = (before + after) / 2
-            rows.append({"workload": w.name, "mode": mode, "figure_us": figure * 1e6, "steady_us": steady * 1e6,
-                         "ratio": figure / steady, "steady_drift": before / after})
+            rows.append({"workload": w.name, "mode": mode, **_code_figure(w, mode)})
             print(f"code: {w.name} {mode} done", file=sys.stderr)
     return {"rows": rows, "within_15pct": _share(r["ratio"] for r in rows),
-            "steady_within_15pct": _share(r["steady_drift"] for r in rows)}
+            "steady_within_15pct": _share(r["steady_spread"] for r in rows)}
 
 
-def _code_figure(workload, mode: str) -> tuple[float, float, float]:
-    """The model's steady state in ``mode``, the pass's figure for its loop as written, and
-    the steady state again."""
+def _code_figure(workload, mode: str) -> dict:
+    """The model's steady state in ``mode`` and the pass's figure for its loop as written
+    (each figure from a fresh optimize() with its own cache dir), in pairs."""
     model, inputs = workload.make()
     for x in inputs:
         x.requires_grad_(mode == "train")
-    with torch.set_grad_enabled(mode != "infer"):
-        call = (lambda m: lambda: m(*inputs)) if mode == "infer" else (lambda m: lambda: m(*inputs).sum().backward())
-        before = steady_seconds(call(model))
+    call = (lambda m: lambda: m(*inputs)) if mode == "infer" else (lambda m: lambda: m(*inputs).sum().backward())
+
+    def figure():
+        os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-figures-")
         optimized = convrewrite.optimize(model, measure=True)
         call(optimized)()
         (site,) = [s for s in optimized.report if s.pattern == "conv loop"]
-        return before, site.times[AS_WRITTEN], steady_seconds(call(model))
+        return {"code": site.times[AS_WRITTEN]}
+    with torch.set_grad_enabled(mode != "infer"):
+        return paired({"code": call(model)}, figure)["code"]
 
 
 # -- overhead -------------------------------------------------------------------------------
@@ -329,14 +353,15 @@ def section(data: dict) -> str:
     if "steady" in data:
         s = data["steady"]
         lines += ["### Figures against the steady state", "", _run(s),
-                  "`time_forms` (warm-up, 15 interleaved 1 ms blocks, 25th percentile) against the steady state: the "
-                  f"median of {STEADY_REPEATS} loops of back-to-back calls of >= {STEADY_S} s each, read just before "
-                  "and just after the figure (steady is their mean, drift their ratio); quiet machine. Figures within "
-                  f"15% of the steady state: {s['within_15pct']:.0%}; the two steady-state readings within 15% of each "
-                  f"other: {s['steady_within_15pct']:.0%}.", "",
+                  "`time_forms` (warm-up, 15 interleaved 1 ms blocks, 25th percentile) against the steady state (one "
+                  f"loop of back-to-back calls of >= {STEADY_S} s), read in {PAIRS} pairs of one next to the other, in "
+                  "alternating order; figure, steady state and their ratio are medians over the pairs, spread is the "
+                  "steady state's largest reading over its smallest; contended: how many of the figures were; quiet "
+                  f"machine. Figures within 15% of the steady state: {s['within_15pct']:.0%}; steady state within 15% "
+                  f"of itself across the pairs: {s['steady_within_15pct']:.0%}.", "",
                   tabulate([(r["spec"], r["form"], f"{r['figure_us']:.1f}", f"{r['steady_us']:.1f}", _r(r["ratio"]),
-                             _r(r["steady_drift"]), "yes" if r["contended"] else "") for r in s["rows"]],
-                           ["spec", "form", "figure us", "steady us", "figure/steady", "steady drift", "contended"],
+                             _r(r["steady_spread"]), r["contended"] or "") for r in s["rows"]],
+                           ["spec", "form", "figure us", "steady us", "figure/steady", "steady spread", "contended"],
                            tablefmt="github"), ""]
     for name in ("choices_quiet", "choices_busy"):
         if name in data:
@@ -371,13 +396,13 @@ def section(data: dict) -> str:
         c = data["code"]
         lines += ["### Loops as written: figures against the steady state", "", _run(c),
                   "The seconds per call the pass weighs a loop by (its report's time of the code, measured at the "
-                  "first call with `measure=True`) against the model's steady state, read before and after as "
-                  "above; quiet machine. train-w: a first layer's training step (no gradient for the data). Figures "
-                  f"within 15% of the steady state: {c['within_15pct']:.0%}; the two steady-state readings within "
-                  f"15% of each other: {c['steady_within_15pct']:.0%}.", "",
+                  "first call of a fresh `optimize(model, measure=True)`) against the model's steady state, read in "
+                  "pairs as above; quiet machine. train-w: a first layer's training step (no gradient for the data). "
+                  f"Figures within 15% of the steady state: {c['within_15pct']:.0%}; steady state within 15% of itself "
+                  f"across the pairs: {c['steady_within_15pct']:.0%}.", "",
                   tabulate([(r["workload"], r["mode"], f"{r['figure_us']:.1f}", f"{r['steady_us']:.1f}", _r(r["ratio"]),
-                             _r(r["steady_drift"])) for r in c["rows"]],
-                           ["workload", "mode", "figure us", "steady us", "figure/steady", "steady drift"],
+                             _r(r["steady_spread"])) for r in c["rows"]],
+                           ["workload", "mode", "figure us", "steady us", "figure/steady", "steady spread"],
                            tablefmt="github"), ""]
     if "overhead" in data:
         o = data["overhead"]
@@ -456,9 +481,8 @@ def main(argv=None) -> int:
     for name, run in bar(parts.items(), desc="parts", unit="part"):
         if wanted(name.split("_")[0]):
             data[name] = {**run(), "run": f"{datetime.datetime.now().isoformat(timespec='minutes')}: `{command}`"}
-    text = section(data)
-    publish(text, MARKS)
-    saved.write_text(json.dumps(data, indent=1))
+    saved.write_text(json.dumps(data, indent=1))  # first: a part's figures outlive a failure below
+    publish(section(data), MARKS)
     return 0
 
 
