@@ -1,8 +1,9 @@
+import pytest
 import torch
 import torch.nn as nn
 
 from convrewrite.capture import annotate, capture
-from convrewrite.emit import emit, site_calls, verify
+from convrewrite.emit import emit, site_calls, verify, with_strides
 from convrewrite.forms import Form, get_form
 from convrewrite.kinds.channel_mix import ChannelMixSpec
 from convrewrite.kinds.channel_mix.forms import conv
@@ -34,3 +35,19 @@ def test_emit_replaces_the_conv_with_a_site_call_reading_live_weights():
     with torch.no_grad():
         model[0].weight.mul_(2)  # the graph reads the user's parameter, not a copy
     torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_with_strides_views_where_only_size_one_dims_differ_and_copies_otherwise(grad):
+    source = torch.randn(44, 1, 158, requires_grad=grad)
+    y = source.permute(0, 2, 1)  # [44, 158, 1], strides (158, 1, 158): the layout of (158, 1, 1)
+    same_layout = with_strides(y, (158, 1, 1))
+    assert same_layout.stride() == (158, 1, 1) and same_layout.data_ptr() == y.data_ptr()
+    other = with_strides(y, (1, 44, 44))  # channels first over the batch: another layout
+    assert other.stride() == (1, 44, 44) and other.data_ptr() != y.data_ptr()
+    for out in (same_layout, other):
+        torch.testing.assert_close(out, y)
+    if grad:
+        (same_layout.sum() + 2 * other.sum()).backward()
+        torch.testing.assert_close(source.grad, torch.full_like(source, 3.0))
+    assert with_strides(y, y.stride()) is y
