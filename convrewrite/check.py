@@ -96,8 +96,9 @@ class GraphFigures:
         return Timings(dict(times), dict(table.meta.get(self.key, {}).get("error", {})))
 
     def keep(self, times: Timings) -> None:
-        """Keep clean figures (never those taken under load)."""
-        if not times.contended and {ORIGINAL, REWRITTEN} <= set(times):
+        """Keep clean figures (never those taken under load, or in one round: see
+        :attr:`Timings.storable`)."""
+        if times.storable and {ORIGINAL, REWRITTEN} <= set(times):
             meta = {**times.record(), "error": times.error}
             self._table().remember(self.key, dict(times), {}, meta)
 

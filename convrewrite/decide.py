@@ -144,7 +144,7 @@ def _measure(table: CostTable, spec, forms) -> Timings:
     """Time every legal form now; remember clean figures in memory and in the user table
     (figures taken under load decide this site only: a later specialisation measures again)."""
     times = time_forms(spec, forms)
-    if not times.contended:
+    if times.storable:
         _remember(table, spec, times, forms)
     return times
 

@@ -17,7 +17,9 @@ The protocol (each step answers a way figures went wrong on a shared machine):
   taken while others used more than ``BUSY_CORES`` of a core, while this process's threads
   waited for a CPU more than ``WAITED_CORES`` of the time (``/proc/self/task/*/schedstat``),
   or whose blocks spread by more than ``SPREAD_LIMIT``, is :attr:`Timings.contended`: usable
-  for a decision now, never stored as if it were clean (see :mod:`convrewrite.table`).
+  for a decision now, never stored as if it were clean (see :mod:`convrewrite.table`). Nor
+  are figures of fewer than ``STORED_BLOCKS`` blocks (a clear win settled in one round): too
+  short a window for either signal to see load.
 - **More blocks under load, and an error that load does not widen.** Contended figures are
   timed for up to ``LOADED_ROUNDS`` times more rounds. Each figure's standard error
   (:attr:`Timings.error`) comes from the blocks near its quantile only, so the slow blocks a
@@ -56,6 +58,10 @@ SPREAD_LIMIT = 1.0
 BUSY_CORES = 0.25  # other processes' CPU use, in cores, above which a figure is contended
 WAITED_CORES = 0.1  # our threads' run-queue wait, in cores, above which too (quiet here: 0.005-0.015)
 LOADED_ROUNDS = 2  # contended figures are timed for this many more times the rounds asked for
+# blocks per callable below which figures decide but are never stored: too few for their spread
+# to show a burst, and over a window of a few milliseconds /proc/stat (counted in 10 ms ticks)
+# cannot show other load either (a conv timed 3.4x slow in one round under a busy core was stored)
+STORED_BLOCKS = 4
 WARM_CALLS = 8  # at most this many warm-up calls per callable
 WARM_AGREE = 0.25  # warm once two calls in a row agree within this (relative)
 ONE_CALL_ENOUGH = 0.02  # seconds: one warm call of user code this slow is figure enough
@@ -95,6 +101,12 @@ class Timings(Mapping):
         stored as clean)."""
         bursts = any(s > SPREAD_LIMIT for s in self.spread.values())
         return bursts or _over(self.busy, BUSY_CORES) or _over(self.waited, WAITED_CORES)
+
+    @property
+    def storable(self) -> bool:
+        """Whether these figures may be stored for later processes: not contended, and from at
+        least ``STORED_BLOCKS`` blocks each."""
+        return not self.contended and self.blocks >= STORED_BLOCKS
 
     @property
     def noise(self) -> float:

@@ -62,7 +62,7 @@ def _clean_times(spec, forms, rounds: int, block_s: float) -> Timings | None:
         if spec.executor == "inductor":
             torch._dynamo.reset()  # each spec compiles every form afresh (dynamo caches per code object)
         times = time_forms(spec, forms, rounds=rounds, block_s=block_s)
-        if not times.contended:
+        if times.storable:
             return times
     return None
 

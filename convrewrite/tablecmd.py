@@ -90,7 +90,7 @@ def check(path: Path, sample: int, seed: int, update: bool) -> str:
         note = "under load: not stored" if now.contended else ", ".join(
             w for w, bad in (("level moved", max(level, 1 / level) > DRIFT), ("ranking changed", reranked)) if bad)
         rows.append((spec.describe(), spec.mode, f"{level:.2f}", then_best, now_best, note))
-        if update and not now.contended:
+        if update and now.storable:
             fresh.add(key, dict(now), {f.name: f.source_hash for f in forms if f.name in now}, now.record())
     if update and fresh.entries:
         fresh.write(path)

@@ -78,6 +78,14 @@ def test_figures_are_contended_when_other_processes_use_the_cpu(simulated, monke
     assert not quiet.contended and quiet.blocks == 3
 
 
+def test_quiet_figures_of_one_round_decide_but_are_not_storable(simulated):
+    """A window of a few blocks is too short for the load readings: a clear win settled in one
+    round is never stored."""
+    once = measure.time_callables({"op": lambda: 1e-3}, rounds=1)
+    assert not once.contended and once.blocks == 1 and not once.storable
+    assert measure.time_callables({"op": lambda: 1e-3}, rounds=measure.STORED_BLOCKS).storable
+
+
 def test_figures_are_contended_when_our_threads_wait_for_a_cpu(simulated, monkeypatch):
     """Our spinning threads can starve a busy process to a quarter core: then we wait."""
     monkeypatch.setattr(measure, "_own_cpu_s", lambda: 0.0)
