@@ -145,12 +145,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs, pass_options: Options, inn
     memory = _figures(variants, example_inputs, inner, mode, report) if not coordinated else None
     if memory is not None and (times := memory.recalled()) is not None:
         chosen = fastest(times, slack_s=FRAME_S)
-        report = _as_timed_before(report, times, chosen)
+        report = _as_timed_before(report, times, chosen, _graphs(inner))
         variants, memory = {chosen: variants[chosen]}, None
     # ranks would be ready at different calls: one waiting in its forward for rank 0's choice,
     # while rank 0, not ready yet, waits in DDP's all-reduce for it
     return FastestCompiled(variants, compile_one, report, params, background and not coordinated,
-                           topic and f"{topic}\nfastest of {sorted(variants)}", memory)
+                           topic and f"{topic}\nfastest of {sorted(variants)}", memory, _graphs(inner))
+
+
+def _graphs(inner) -> str:
+    """What a report calls the graphs it times: optimize()'s dynamo route runs them eagerly."""
+    return "dynamo's graphs, run eagerly," if inner == "eager" else "compiled graphs"
 
 
 def _figures(variants: dict, example_inputs, inner, mode: str | None, report: Report) -> GraphFigures | None:
@@ -162,8 +167,8 @@ def _figures(variants: dict, example_inputs, inner, mode: str | None, report: Re
     return GraphFigures.of(f"backend {inner} {mode}", example_inputs, report, code)
 
 
-def _as_timed_before(report: Report, times: Timings, chosen: str) -> Report:
-    report = report.noted(_times_line(times, ", as timed before on this machine") + f"; only {chosen} compiled")
+def _as_timed_before(report: Report, times: Timings, chosen: str, graphs: str) -> Report:
+    report = report.noted(_times_line(times, graphs, ", as timed before on this machine") + f"; only {chosen} compiled")
     if chosen != REWRITTEN and report.rewritten:
         report = report.kept_original(kept_because(times, FRAME_S, " when timed before"))
     return report
@@ -213,8 +218,8 @@ class FastestCompiled:
     is returned to dynamo itself, with no wrapper around its calls)."""
 
     def __init__(self, variants: dict, compile_one: Callable, report, params: list, background: bool = False,
-                 topic: str | None = None, memory: GraphFigures | None = None):
-        self.report, self._params, self._topic, self._memory = report, params, topic, memory
+                 topic: str | None = None, memory: GraphFigures | None = None, graphs: str = "compiled graphs"):
+        self.report, self._params, self._topic, self._memory, self._graphs = report, params, topic, memory, graphs
         first = REWRITTEN if REWRITTEN in variants else ORIGINAL
         self.compiled = {first: compile_one(variants[first])}
         rest = {name: v for name, v in variants.items() if name != first}
@@ -267,12 +272,12 @@ class FastestCompiled:
         times = self._times = compiled_times(self.compiled, list(args), self._params)
         if self._memory is not None:
             self._memory.keep(times)
-        self.report = self.report.noted(_times_line(times))
+        self.report = self.report.noted(_times_line(times, self._graphs))
         return fastest(times, slack_s=FRAME_S)
 
 
-def _times_line(times: Timings, how: str = "") -> str:
-    return f"compiled graphs on these inputs{how}: " + ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in times.items())
+def _times_line(times: Timings, graphs: str, how: str = "") -> str:
+    return f"{graphs} on these inputs{how}: " + ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in times.items())
 
 
 def _compile_all(variants: dict, compile_one: Callable) -> dict[str, Callable]:
