@@ -150,6 +150,7 @@ def judged(report: Report, times: Timings, what: str, original: str = "as writte
         return report.kept_original("kept original: the whole-graph check could not run both graphs")
     old, new = times[ORIGINAL], times[REWRITTEN]
     load = " (under load from other processes)" if times.contended else ""
+    report = dataclasses.replace(report, under_load=times.contended)
     line = f"{what}, warm, on these inputs: {new * 1e3:.3f} ms rewritten, {old * 1e3:.3f} ms {original}{load}"
     if not rewrite_wins(times):
         return report.kept_original(kept_because(times)).noted(line)

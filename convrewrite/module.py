@@ -144,7 +144,7 @@ class ConvRewriteModule(nn.Module):
             key = (_grad_enabled(), _autocast_on() and autocast_state(), flags,
                    x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
             spec = d["_state"].specs.get(key)
-            if spec is not None and not (spec.watched and spec.stale()):
+            if spec is not None and not (spec.guarded and spec.stale()):
                 return spec.gm.forward(x) if spec.gm is not None else (spec.compiled or original.forward)(x)
         return self._dispatch(args, kwargs)
 
@@ -159,7 +159,7 @@ class ConvRewriteModule(nn.Module):
         original = d["_convrewrite_original"]
         flat = args if not kwargs and len(args) == d["_convrewrite_arity"] else self._flat(args, kwargs)
         spec = d["_state"].specs.get(self._key(flat) if flat is not None else self._call_key(args, kwargs))
-        if spec is None or spec.watched and spec.stale():
+        if spec is None or spec.guarded and spec.stale():
             if torch.compiler.is_compiling() or torch._C._get_tracing_state() or _traced_by_fx(args, kwargs):
                 # no specialising inside a trace (the outer optimize() of a model holding this one, say)
                 return original(*args, **kwargs)

@@ -39,6 +39,7 @@ class Report:
     signature: str = ""
     note: str = ""
     ran: str = ""  # under the backend: which compiled graph runs (original or rewritten)
+    under_load: bool = False  # the whole-graph check was timed while other processes used the CPU
 
     @property
     def rewritten(self) -> list[SiteReport]:

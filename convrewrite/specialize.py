@@ -12,6 +12,7 @@ import collections
 import copy
 import dataclasses
 import inspect
+import time
 from typing import Callable
 
 import torch
@@ -22,6 +23,7 @@ from . import distributed
 from .capture import (ROOT, CaptureError, annotate, autocast_state, capture, fold_sizes, hidden_sites,
                       opaque_root)
 from .check import GraphFigures, judged_once, whole_graph_times
+from .decide import CONTENDED
 from .dynamo_route import DynamoRoute
 from .hooks import has_hooks, own_hooks
 from .options import Options
@@ -30,6 +32,11 @@ from .report import Report
 from .warn import warn_user
 
 NOT_RUN = object()  # a build's output where building did not run the call
+# a specialisation decided from figures taken under load is decided again this long after (in
+# seconds; doubled at each try, at most RETRIES tries): a busy first call must not fix a choice
+# for the rest of the process
+RETRY_S, RETRIES = 2.0, 4
+_now = time.monotonic
 
 
 @dataclasses.dataclass
@@ -42,9 +49,14 @@ class Specialization:
     report: Report
     watched: tuple[nn.Module, ...] = ()  # rewritten modules: a hook added to one invalidates the graph
     compiled: Callable | None = None
+    retry_at: float | None = None  # the monotonic time after which it is decided again (see RETRY_S)
+    guarded: bool = dataclasses.field(init=False)  # whether stale() can be true: the hot path asks only then
+
+    def __post_init__(self):
+        self.guarded = bool(self.watched) or self.retry_at is not None
 
     def stale(self) -> bool:
-        return any(own_hooks(m) for m in self.watched)
+        return (self.retry_at is not None and _now() > self.retry_at) or any(own_hooks(m) for m in self.watched)
 
 
 def describe(args) -> str:
@@ -63,6 +75,7 @@ class Specializer:
         self.traces: dict = {}  # concrete (None/bool) arguments and training flags -> graph or error
         self.warned: set = set()
         self.dynamo: DynamoRoute | None = None  # made at the first signature fx cannot capture
+        self.tries: collections.Counter = collections.Counter()  # decisions made under load, per call signature
 
     def build(self, flat: tuple):
         """Capture (once per pattern of None/bool arguments), annotate by running the graph
@@ -87,13 +100,32 @@ class Specializer:
             report = self._rewritten(gm, flat, Report((), signature, f"not traced: {why}" if why else ""))
         except Exception as e:  # a failure of the pass never reaches the user: this call's output stands
             return self._fallen_back(signature, "rewriting failed", e), output
+        delay = self._retry_in(report)
+        retry_at = None if delay is None else _now() + delay
+        if delay is not None:
+            report = report.noted(f"decided under load from other processes: decided again in {delay:g} s")
         if not report.rewritten:  # nothing gained: the original's own forward is the cheapest to call
             if why and not report.sites and why not in self.warned:  # a site found and kept says why itself
                 self.warned.add(why)
                 warn_user(f"convrewrite: {type(self.original).__name__} runs unchanged: {why}")
-            return Specialization(None, report), output
+            return Specialization(None, report, retry_at=retry_at), output
         watched = tuple(m for m in (_submodule(self.original, s.path) for s in report.rewritten) if m is not None)
-        return Specialization(gm, report, watched), output
+        return Specialization(gm, report, watched, retry_at=retry_at), output
+
+    def _retry_in(self, report: Report) -> float | None:
+        """In how many seconds to decide these inputs again, where this decision rests on
+        figures taken under load (None otherwise, after ``RETRIES`` tries, and where a job of
+        several processes trains: its ranks run rank 0's decision, which one rank alone must
+        not change)."""
+        under_load = report.under_load or any(s.source == CONTENDED for s in report.sites)
+        if not under_load or distributed.training(self.original.parameters()) and self.original.training:
+            return None
+        signature = (report.signature, torch.is_grad_enabled(), self.original.training)
+        tries = self.tries[signature]
+        if tries >= RETRIES:
+            return None
+        self.tries[signature] += 1
+        return RETRY_S * 2 ** tries
 
     def _rewritten(self, gm: fx.GraphModule, flat: tuple, head: Report) -> Report:
         """Rewrite ``gm`` and check it; in a job of several processes training (grad enabled,

@@ -38,14 +38,14 @@ def isolated_cache(tmp_path, monkeypatch):
 def check_times(monkeypatch):
     """The whole-graph check runs both graphs once (so its care for inputs, buffers and RNG is
     exercised everywhere) and reads times from ``check_times.result``: the rewrite wins unless
-    a test says otherwise."""
+    a test says otherwise; ``check_times.busy``: other load, in cores."""
 
     def fake(fns, rounds=1, **_):
         for fn in fns.values():
             fn()
-        return Timings({name: t for name, t in fake.result.items() if name in fns}, blocks=rounds)
+        return Timings({name: t for name, t in fake.result.items() if name in fns}, busy=fake.busy, blocks=rounds)
 
-    fake.result = {"original": 2e-3, "rewritten": 1e-3}
+    fake.result, fake.busy = {"original": 2e-3, "rewritten": 1e-3}, 0.0
     monkeypatch.setattr(check, "time_callables", fake)
     return fake
 
