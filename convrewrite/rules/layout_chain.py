@@ -51,12 +51,16 @@ _RESHAPE_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten}
 
 def find(gm: fx.GraphModule):
     """Yield a :class:`Site` for every layout chain in ``gm``. Chains do not overlap: a
-    permutation that ends one chain and starts the next belongs to the first."""
-    claimed = set()
+    permutation that ends one chain and starts the next belongs to the first, also where it
+    stays for other users (the next chain would read the first one's inside, which its
+    rewrite removes: timm's Sequencer2d, a downsampling conv between permutes, then a
+    LayerNorm read beside a residual)."""
+    claimed, inside = set(), set()
     for node in gm.graph.nodes:
         for site in _chains_from(gm, node):
-            if claimed.isdisjoint((*site.nodes, site.node)):
+            if claimed.isdisjoint((*site.nodes, site.node)) and site.x not in inside:
                 claimed.update((*site.nodes, site.node))
+                inside.update(site.nodes)
                 yield site
 
 

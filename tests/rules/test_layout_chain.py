@@ -1,10 +1,13 @@
 """The layout-chain rule: what it finds, in the spellings users write, and what it leaves."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import convrewrite
 from convrewrite.capture import annotate, capture
 from convrewrite.rules import layout_chain
 
@@ -150,6 +153,34 @@ def test_adjacent_chains_do_not_share_a_permutation():
     first, second = chains_of(model, torch.randn(2, 8, 5))
     assert (first.path, second.path) == ("0.c2", "2.c2")
     assert not {first.node, *first.nodes} & {second.node, *second.nodes}
+
+
+class DownsampleThenBlock(nn.Module):
+    """timm's Sequencer2d on [N, H, W, C]: a conv between permutes, then a block whose norm
+    reads the permuted value beside its residual (so that permute stays for the add)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.down, self.norm, self.fc = nn.Conv2d(c, 2 * c, 1), nn.LayerNorm(2 * c), nn.Linear(2 * c, 2 * c)
+
+    def forward(self, x):
+        x = self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.fc(self.norm(x))
+
+
+def test_a_chain_does_not_start_inside_the_chain_before_it():
+    (down,) = chains_of(DownsampleThenBlock(), torch.randn(2, 5, 5, 8))  # the block's chain would read down's output
+    assert down.path == "down"
+
+
+def test_a_chain_after_a_chain_rewrites_with_every_rewrite_forced():
+    model, x = DownsampleThenBlock(), torch.randn(2, 5, 5, 8)
+    opt = convrewrite.optimize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it warned "rewriting failed (... used before it has been defined)"
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), model(x))
+    assert opt.report.rewritten
 
 
 class Regrouped(nn.Module):
