@@ -199,13 +199,17 @@ class FormLayer(nn.Module):
         return self.form.fn(x, self.layer.weight, self.layer.bias, spec=self.spec)
 
 
+def _calling(layer: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return lambda: layer(x)
+
+
 def quiet_comparison(spec: ChannelMixSpec, model: nn.Module, optimized, x: torch.Tensor) -> dict:
     """Seconds per call, timed side by side on a quiet machine: the model as written, as
     optimized, and with each legal form computing its layer."""
     fns = {"as written": lambda: model(x), "optimized": lambda: optimized(x)}
     for form in forms_for(spec):
         if form.name != ORIGINAL:
-            fns[form.name] = (lambda layer: lambda: layer(x))(FormLayer(model, form, spec))
+            fns[form.name] = _calling(FormLayer(model, form, spec), x)
     with torch.no_grad():
         return dict(time_callables(fns, rounds=EVAL_ROUNDS, block_s=EVAL_BLOCK_S))
 
@@ -286,9 +290,21 @@ def bench_stability(n: int, seed: int, processes: int = 3) -> dict:
                              capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(out))
     same = [len(set(r[i] for r in runs)) == 1 for i in range(n)]
-    return {"processes": processes, "n": n, "same_in_all": sum(same) / n,
-            "differing": [{"spec": s.describe(), "chosen": [r[i] for r in runs]}
-                          for i, s in enumerate(model_specs(n, seed)) if not same[i]]}
+    differing = [{"spec": s.describe(), "chosen": [r[i] for r in runs], "apart": _apart(s, {r[i] for r in runs})}
+                 for i, s in enumerate(model_specs(n, seed)) if not same[i]]
+    return {"processes": processes, "n": n, "same_in_all": sum(same) / n, "differing": differing,
+            "apart_within_10pct": sum(d["apart"] <= 1.10 for d in differing)}
+
+
+def _apart(spec: ChannelMixSpec, chosen: set[str]) -> float:
+    """How far apart the forms that different processes chose are: the slowest over the
+    fastest, each computing the model's layer, timed quietly side by side."""
+    model, x = single_layer(spec)
+    fns = {f.name: _calling(model if f.name == ORIGINAL else FormLayer(model, f, spec), x)
+           for f in forms_for(spec) if f.name in chosen}
+    with torch.no_grad():
+        times = time_callables(fns, rounds=EVAL_ROUNDS, block_s=EVAL_BLOCK_S)
+    return max(times.values()) / min(times.values())
 
 
 # -- prediction -----------------------------------------------------------------------------
@@ -426,10 +442,12 @@ def section(data: dict) -> str:
     if "stability" in data:
         s = data["stability"]
         lines += [f"### Decision stability: {s['n']} models in {s['processes']} fresh processes", "", _run(s),
-                  f"- same form in every process: {s['same_in_all']:.0%}", ""]
+                  f"- same form in every process: {s['same_in_all']:.0%}"
+                  + (f"; where they differ, the chosen forms within 10% of each other (timed quietly side by side): "
+                     f"{s['apart_within_10pct']} of {len(s['differing'])}" if s["differing"] else ""), ""]
         if s["differing"]:
-            lines += [tabulate([(d["spec"], ", ".join(d["chosen"])) for d in s["differing"]], ["spec", "chosen"],
-                               tablefmt="github"), ""]
+            lines += [tabulate([(d["spec"], ", ".join(d["chosen"]), _r(d["apart"])) for d in s["differing"]],
+                               ["spec", "chosen", "slowest/fastest of those"], tablefmt="github"), ""]
     if "prediction" in data:
         from run import grid_text
         lines += ["### The shipped table on unseen shapes", "", _run(data["prediction"]), grid_text(data["prediction"]), ""]
