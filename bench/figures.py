@@ -273,13 +273,15 @@ def stored_against_quiet() -> list[dict]:
 
 
 # -- stability ------------------------------------------------------------------------------
-def decisions(specs: list[ChannelMixSpec]) -> list[str]:
-    """The form chosen for each spec's single-layer model, in this process, fresh cache."""
+def decisions(specs: list[ChannelMixSpec]) -> list[list[str]]:
+    """The form chosen for each spec's single-layer model, in this process, fresh cache, and
+    the site's note (why an original was kept)."""
     os.environ["CONVREWRITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="convrewrite-figures-")
     chosen = []
     for spec in specs:
         model, x = single_layer(spec)
-        chosen.append(first_call(model, x, 0).report.sites[0].chosen)
+        site = first_call(model, x, 0).report.sites[0]
+        chosen.append([site.chosen, site.note])
     return chosen
 
 
@@ -289,8 +291,9 @@ def bench_stability(n: int, seed: int, processes: int = 3) -> dict:
         out = subprocess.run([sys.executable, __file__, "--decide", "--models", str(n), "--seed", str(seed)],
                              capture_output=True, text=True, check=True).stdout
         runs.append(json.loads(out))
-    same = [len(set(r[i] for r in runs)) == 1 for i in range(n)]
-    differing = [{"spec": s.describe(), "chosen": [r[i] for r in runs], "apart": _apart(s, {r[i] for r in runs})}
+    same = [len({r[i][0] for r in runs}) == 1 for i in range(n)]
+    differing = [{"spec": s.describe(), "chosen": [r[i][0] for r in runs], "apart": _apart(s, {r[i][0] for r in runs}),
+                  "notes": sorted({r[i][1] for r in runs} - {""})}
                  for i, s in enumerate(model_specs(n, seed)) if not same[i]]
     return {"processes": processes, "n": n, "same_in_all": sum(same) / n, "differing": differing,
             "apart_within_10pct": sum(d["apart"] <= 1.10 for d in differing)}
@@ -446,8 +449,10 @@ def section(data: dict) -> str:
                   + (f"; where they differ, the chosen forms within 10% of each other (timed quietly side by side): "
                      f"{s['apart_within_10pct']} of {len(s['differing'])}" if s["differing"] else ""), ""]
         if s["differing"]:
-            lines += [tabulate([(d["spec"], ", ".join(d["chosen"]), _r(d["apart"])) for d in s["differing"]],
-                               ["spec", "chosen", "slowest/fastest of those"], tablefmt="github"), ""]
+            lines += [tabulate([(d["spec"], ", ".join(d["chosen"]), _r(d["apart"]), "; ".join(d.get("notes", ())))
+                                for d in s["differing"]],
+                               ["spec", "chosen", "slowest/fastest of those", "why an original was kept"],
+                               tablefmt="github"), ""]
     if "prediction" in data:
         from run import grid_text
         lines += ["### The shipped table on unseen shapes", "", _run(data["prediction"]), grid_text(data["prediction"]), ""]

@@ -85,6 +85,29 @@ def test_close_graphs_are_timed_again_with_more_rounds(table, check_times, monke
         assert seen == expected
 
 
+@pytest.mark.parametrize("lead, seconds, error_after, expected, rewritten", [
+    (1.15, 1e-3, 0.02, [1, check.ROUNDS, check.LONGER * check.ROUNDS], True),  # the longer figures settle it
+    (1.15, 1e-3, 0.06, [1, check.ROUNDS, check.LONGER * check.ROUNDS], False),  # still noise: kept
+    (1.03, 1e-3, 0.02, [1, check.ROUNDS], False),  # a lead below the margin is not worth timing again
+    (1.15, 1.0, 0.02, [1, check.ROUNDS], False),  # a model this slow is not timed for a minute
+], ids=["settled", "still-noise", "below-margin", "too-slow"])
+def test_a_lead_inside_the_noise_is_timed_again_longer(table, check_times, monkeypatch, lead, seconds, error_after,
+                                                       expected, rewritten):
+    seen = []
+
+    def timed(fns, rounds, **kwargs):
+        seen.append(rounds)
+        check_times(fns)
+        error = 0.06 if rounds <= check.ROUNDS else error_after  # 2 x 6% each way: a 1.17x lead is noise
+        return Timings({"original": lead * seconds, "rewritten": seconds},
+                       dict.fromkeys(("original", "rewritten"), error), 0.0, rounds)
+
+    monkeypatch.setattr(check, "time_callables", timed)
+    with torch.no_grad():
+        report = convrewrite.explain(stack().eval(), X, table=table)
+    assert seen == expected and bool(report.rewritten) == rewritten
+
+
 def test_a_graph_that_fails_to_run_keeps_the_original(table, check_times):
     check_times.result = {"original": 1e-3}  # what time_callables returns when a candidate raised
     with torch.no_grad():
