@@ -117,8 +117,7 @@ class Specializer:
         figures taken under load (None otherwise, after ``RETRIES`` tries, and where a job of
         several processes trains: its ranks run rank 0's decision, which one rank alone must
         not change)."""
-        under_load = report.under_load or any(s.source == CONTENDED for s in report.sites)
-        if not under_load or distributed.training(self.original.parameters()) and self.original.training:
+        if not _under_load(report) or distributed.training(self.original.parameters()) and self.original.training:
             return None
         signature = (report.signature, torch.is_grad_enabled(), self.original.training)
         tries = self.tries[signature]
@@ -164,6 +163,8 @@ class Specializer:
         except Exception as e:  # the original reports the user's own error, if it is one
             return self._fallen_back(signature, "capture through dynamo failed", e), NOT_RUN
         report = report.noted(f"not traced by fx: {untraced}") if untraced else report
+        if _under_load(report):  # dynamo keeps what it compiled: deciding again means compiling again
+            report = report.noted("decided under load from other processes: through dynamo, not decided again")
         return Specialization(None, report, compiled=compiled if report.rewritten else None), output
 
     def _under_autocast(self, signature: str) -> Specialization:
@@ -209,6 +210,11 @@ class Specializer:
             except Exception as e:  # noqa: BLE001 (a failure of the pass: dynamo's capture may still do)
                 traces[key] = f"capturing with torch.fx failed ({type(e).__name__}: {e})"
         return traces[key]
+
+
+def _under_load(report: Report) -> bool:
+    """Whether ``report``'s decisions rest on figures taken under load (a site's or the check's)."""
+    return report.under_load or any(s.source == CONTENDED for s in report.sites)
 
 
 def _sharing_graph_module(traced: fx.GraphModule, original: nn.Module) -> fx.GraphModule:

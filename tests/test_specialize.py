@@ -78,3 +78,28 @@ def test_a_quiet_decision_is_final_and_costs_the_hot_path_nothing(table):
         kept(X)
     (spec,) = kept._state.specs.values()
     assert spec.retry_at is None and not spec.guarded
+
+
+class Branches(nn.Module):
+    """A branch on a tensor's value: fx cannot trace it, so it is captured through dynamo."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = model()
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > 0 else -self.body(x)
+
+
+def test_a_decision_under_load_through_dynamo_says_it_stands(table, check_times, now):
+    torch._dynamo.reset()
+    check_times.busy = 1.0
+    opt = convrewrite.optimize(Branches(), table=table)
+    with torch.no_grad():
+        opt(X.abs())
+        first = opt.report
+        now.s = 100.0
+        opt(X.abs())
+    assert first.rewritten and "through dynamo, not decided again" in first.note
+    assert opt.report is first
+    torch._dynamo.reset()
